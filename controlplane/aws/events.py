@@ -1,0 +1,162 @@
+"""Builds the API Gateway REST proxy event (payload format 1.0) from an HTTP request.
+
+The event must work unchanged with Lambda web frameworks (Mangum, Powertools), so it follows API Gateway's shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+# Headers Envoy adds for its own use; API Gateway would not show them to a function.
+HIDDEN_HEADER_PREFIXES = ("x-envoy-",)
+TEXT_TYPES = (
+    "application/json",
+    "application/xml",
+    "application/javascript",
+    "application/x-www-form-urlencoded",
+    "application/graphql",
+    "application/x-yaml",
+    "application/yaml",
+)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What the matched route tells the event: the template and how to read parameters from the path."""
+
+    resource: str
+    stage: str
+    param_regex: re.Pattern[str] | None
+    prefix: str | None = None
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str  # as sent, query string included
+    headers: list[tuple[str, str]]  # lowercase names, in order, repeats kept
+    body: bytes
+    source_ip: str
+    protocol: str
+    request_id: str
+    authority: str
+
+
+def is_text(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    ct = content_type.split(";", 1)[0].strip().lower()
+    return ct.startswith("text/") or ct in TEXT_TYPES or ct.endswith("+json") or ct.endswith("+xml")
+
+
+def encode_body(body: bytes, content_type: str | None) -> tuple[str | None, bool]:
+    """The event's body and isBase64Encoded: text stays text, everything else is base64."""
+    if not body:
+        return None, False
+    if is_text(content_type):
+        try:
+            return body.decode("utf-8"), False
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(body).decode("ascii"), True
+
+
+def request_time(epoch: float) -> str:
+    t = time.gmtime(epoch)
+    return f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year}:{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
+
+
+def path_parameters(route: RouteInfo, path: str) -> dict[str, str] | None:
+    if route.param_regex is not None:
+        m = route.param_regex.match(path)
+        if m is None:
+            return None
+        params = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
+        return params or None
+    if route.prefix is not None:
+        rest = path[len(route.prefix) :].lstrip("/") if path.startswith(route.prefix) else ""
+        return {"proxy": unquote(rest)} if rest else None
+    return None
+
+
+def build_v1_event(req: HttpRequest, route: RouteInfo, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    raw_path, _, query = req.path.partition("?")
+    raw_path = raw_path.split("#", 1)[0]
+
+    headers: dict[str, str] = {}
+    multi_headers: dict[str, list[str]] = {}
+    content_type = None
+    for name, value in req.headers:
+        if name.startswith(HIDDEN_HEADER_PREFIXES):
+            continue
+        if name == "content-type":
+            content_type = value
+        headers[name] = value
+        multi_headers.setdefault(name, []).append(value)
+    if "host" not in headers and req.authority:
+        headers["host"] = req.authority
+        multi_headers["host"] = [req.authority]
+
+    qs: dict[str, str] = {}
+    multi_qs: dict[str, list[str]] = {}
+    if query:
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            qs[k] = v
+            multi_qs.setdefault(k, []).append(v)
+
+    body, is_b64 = encode_body(req.body, content_type)
+    resource = route.resource
+    domain = req.authority.rsplit(":", 1)[0] if req.authority and not req.authority.endswith("]") else req.authority
+    return {
+        "resource": resource,
+        "path": raw_path,
+        "httpMethod": req.method,
+        "headers": headers or None,
+        "multiValueHeaders": multi_headers or None,
+        "queryStringParameters": qs or None,
+        "multiValueQueryStringParameters": multi_qs or None,
+        "pathParameters": path_parameters(route, raw_path),
+        "stageVariables": None,
+        "requestContext": {
+            "accountId": "000000000000",
+            "apiId": "lambdagate",
+            "resourceId": resource,
+            "resourcePath": resource,
+            "httpMethod": req.method,
+            "path": raw_path,
+            "stage": route.stage,
+            "requestId": req.request_id,
+            "extendedRequestId": req.request_id,
+            "requestTime": request_time(now),
+            "requestTimeEpoch": int(now * 1000),
+            "domainName": domain,
+            "domainPrefix": domain.split(".", 1)[0],
+            "protocol": req.protocol,
+            "identity": {
+                "sourceIp": req.source_ip,
+                "userAgent": headers.get("user-agent"),
+                "accessKey": None,
+                "accountId": None,
+                "apiKey": None,
+                "apiKeyId": None,
+                "caller": None,
+                "cognitoAuthenticationProvider": None,
+                "cognitoAuthenticationType": None,
+                "cognitoIdentityId": None,
+                "cognitoIdentityPoolId": None,
+                "principalOrgId": None,
+                "user": None,
+                "userArn": None,
+                "clientCert": None,
+            },
+        },
+        "body": body,
+        "isBase64Encoded": is_b64,
+    }

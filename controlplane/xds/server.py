@@ -1,0 +1,184 @@
+"""The ADS server (state of the world): versions, nonces, ACK and NACK, over grpc.aio.
+
+A NACK is logged with Envoy's error_detail and the rejected version is never resent; the next snapshot is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from controlplane.xds.cache import TYPE_ORDER, Snapshot, SnapshotCache
+
+log = logging.getLogger("lambdagate.xds")
+
+
+@dataclass
+class TypeState:
+    """One resource type on one stream."""
+
+    names: frozenset[str] = frozenset()
+    # Envoy has a request outstanding for this type (it waits for our response).
+    open: bool = False
+    sent_version: str | None = None
+    sent_names: frozenset[str] | None = None
+    nonce: str = ""
+    acked_version: str | None = None
+    nacked_version: str | None = None
+
+
+@dataclass
+class NodeStatus:
+    """What one Envoy last did with each type, for logs, health and tests."""
+
+    node_id: str
+    acked: dict[str, str] = field(default_factory=dict)
+    nacked: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (version, error_detail)
+    connected: bool = True
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, cache: SnapshotCache) -> None:
+        self.cache = cache
+        self.nodes: dict[str, NodeStatus] = {}
+        self._nonce = 0
+        self._acked = asyncio.Event()
+
+    def _next_nonce(self) -> str:
+        self._nonce += 1
+        return str(self._nonce)
+
+    async def wait_acked(self, versions: dict[str, str], timeout: float) -> bool:
+        """Wait until some connected Envoy has ACKed every given type at the given version."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.nodes.values():
+                if node.connected and all(node.acked.get(t) == v for t, v in versions.items()):
+                    return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            event = self._acked
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
+    def _note_ack(self) -> None:
+        event, self._acked = self._acked, asyncio.Event()
+        event.set()
+
+    async def StreamAggregatedResources(  # noqa: N802 (gRPC's name)
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        states: dict[str, TypeState] = {}
+        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        node: NodeStatus | None = None
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await requests.put(req)
+            finally:
+                await requests.put(None)
+
+        reader = asyncio.create_task(read())
+        serial = -1
+        try:
+            while True:
+                snapshot = self.cache.snapshot
+                serial = self.cache.serial
+                if snapshot is not None:
+                    for response in self._responses(snapshot, states):
+                        yield response
+                get = asyncio.create_task(requests.get())
+                newer = asyncio.create_task(self.cache.wait_newer(serial))
+                done, _ = await asyncio.wait({get, newer}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    continue
+                newer.cancel()
+                req = get.result()
+                if req is None:
+                    return
+                if node is None:
+                    node_id = req.node.id or context.peer()
+                    node = self.nodes.setdefault(node_id, NodeStatus(node_id))
+                    node.connected = True
+                    log.info("Envoy %s connected", node_id)
+                self._handle_request(req, states, node)
+        finally:
+            reader.cancel()
+            if node is not None:
+                node.connected = False
+                log.info("Envoy %s disconnected", node.node_id)
+
+    def _handle_request(
+        self, req: discovery_pb2.DiscoveryRequest, states: dict[str, TypeState], node: NodeStatus
+    ) -> None:
+        type_url = req.type_url
+        if type_url not in TYPE_ORDER:
+            log.warning("Envoy %s asked for unsupported type %s", node.node_id, type_url)
+            return
+        st = states.setdefault(type_url, TypeState())
+        if req.response_nonce and req.response_nonce != st.nonce:
+            # A reply to a response that a newer one has replaced: go-control-plane ignores it, and so do we.
+            return
+        short = type_url.rsplit(".", 1)[-1]
+        if req.response_nonce:
+            if req.HasField("error_detail"):
+                st.nacked_version = st.sent_version
+                node.nacked[type_url] = (st.sent_version or "", req.error_detail.message)
+                log.error(
+                    "Envoy %s rejected %s version %s: %s (keeping its version %s; waiting for the next config)",
+                    node.node_id,
+                    short,
+                    st.sent_version,
+                    req.error_detail.message,
+                    req.version_info or "none",
+                )
+            else:
+                st.acked_version = req.version_info
+                node.acked[type_url] = req.version_info
+                node.nacked.pop(type_url, None)
+                log.debug("Envoy %s ACKed %s version %s", node.node_id, short, req.version_info)
+                self._note_ack()
+        st.names = frozenset(req.resource_names)
+        st.open = True
+
+    def _responses(
+        self, snapshot: Snapshot, states: dict[str, TypeState]
+    ) -> list[discovery_pb2.DiscoveryResponse]:
+        out = []
+        for type_url in TYPE_ORDER:
+            st = states.get(type_url)
+            if st is None or not st.open:
+                continue
+            version = snapshot.versions.get(type_url)
+            if version is None:
+                continue
+            if version == st.nacked_version and st.names == st.sent_names:
+                continue  # Envoy rejected exactly this; resending it would loop (go-control-plane #582)
+            if version == st.sent_version and st.names == st.sent_names:
+                continue
+            serialized = snapshot.serialized[type_url]
+            wildcard = not st.names or "*" in st.names
+            names = sorted(serialized) if wildcard else sorted(n for n in st.names if n in serialized)
+            resp = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=self._next_nonce())
+            for name in names:
+                resp.resources.append(any_pb2.Any(type_url=type_url, value=serialized[name]))
+            st.sent_version = version
+            st.sent_names = st.names
+            st.nonce = resp.nonce
+            st.open = False
+            out.append(resp)
+        return out

