@@ -213,8 +213,7 @@ def _feed_local_credentials(cp: ControlPlane, local: LocalLambda) -> None:
 
     def on_config(result: LoadResult) -> None:
         keys = {s.credentials.access_key: s.credentials.secret_key for s in result.secrets if s.credentials}
-        local.credentials.clear()
-        local.credentials.update(keys)
+        local.set_credentials(keys)
 
     cp.on_config.append(on_config)
 

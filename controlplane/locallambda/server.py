@@ -352,6 +352,10 @@ class LocalLambda:
     def port(self) -> int:
         return self._port
 
+    def set_credentials(self, credentials: dict[str, str]) -> None:
+        """Accept exactly these keys from now on (access key id -> secret key)."""
+        self._verifier.set_credentials(credentials)
+
     def reload(self) -> None:
         """Rescan the functions folder and re-import handler modules on their next invocation."""
         self._registry.reload()

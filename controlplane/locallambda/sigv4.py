@@ -130,6 +130,11 @@ class SigV4Verifier:
         self._clock = clock
         self._signers: dict[tuple[str, str], _ReceivedRequestSigV4] = {}
 
+    def set_credentials(self, credentials: Mapping[str, str]) -> None:
+        """Replace the accepted keys (a rotated Secret). Cached signers hold secrets, so they go too."""
+        self._secrets = dict(credentials)
+        self._signers = {}
+
     def verify(
         self,
         method: str,

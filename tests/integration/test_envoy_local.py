@@ -1,0 +1,253 @@
+"""Through a real Envoy, our ext_proc and our local Lambda endpoint: the request path end to end.
+
+Covers the event a function sees, response unwrapping, function and signature errors, live config changes,
+secrets kept out of Envoy, and fail-closed behaviour when ext_proc is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Envoy, LoopThread, control_plane, free_port, http, wait_until
+
+from controlplane.locallambda import LocalLambda
+from controlplane.model.resources import Endpoint
+
+SECRET = "local-secret-value-4f1c"
+
+HANDLERS = textwrap.dedent('''
+    import base64, json, os
+
+    def echo(event, context):
+        log = os.environ.get("LG_CALL_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write(event["path"] + "\\n")
+        return {"statusCode": 200, "headers": {"content-type": "application/json"},
+                "multiValueHeaders": {"Set-Cookie": ["a=1; Path=/", "b=2; Path=/"]},
+                "body": json.dumps(event)}
+
+    def binary(event, context):
+        raw = base64.b64decode(event["body"]) if event["isBase64Encoded"] else (event["body"] or "").encode()
+        return {"statusCode": 200, "headers": {"content-type": "application/octet-stream"},
+                "body": base64.b64encode(raw[::-1]).decode(), "isBase64Encoded": True}
+
+    def boom(event, context):
+        raise KeyError("database password is hunter2")
+
+    def malformed(event, context):
+        return {"status": "not a proxy response"}
+''')
+
+
+def config(access_key: str = "AKIDLOCAL", secret: str = SECRET) -> str:
+    return textwrap.dedent(f"""
+        apiVersion: v1
+        kind: Secret
+        metadata: {{name: aws}}
+        stringData: {{access_key: {access_key}, secret_key: {secret}}}
+        ---
+        apiVersion: lambdagate.io/v1
+        kind: Upstream
+        metadata: {{name: local}}
+        spec:
+          region: us-east-1
+          secret_ref: aws
+          endpoint: local
+          functions:
+          - {{name: echo, spec: {{function_name: echo}}}}
+          - {{name: binary, spec: {{function_name: binary}}}}
+          - {{name: boom, spec: {{function_name: boom}}}}
+          - {{name: malformed, spec: {{function_name: malformed}}}}
+          - {{name: missing, spec: {{function_name: not-deployed}}}}
+          - {{name: old, spec: {{function_name: echo, qualifier: "7"}}}}
+        ---
+        apiVersion: lambdagate.io/v1
+        kind: VirtualService
+        metadata: {{name: api}}
+        spec:
+          routes:
+          - matcher: {{path: "/users/{{userId}}/orders/{{orderId}}", methods: [GET]}}
+            destination: {{upstream: local, function: echo}}
+          - matcher: {{prefix: /bin}}
+            destination: {{upstream: local, function: binary}}
+          - matcher: {{prefix: /boom}}
+            destination: {{upstream: local, function: boom}}
+          - matcher: {{prefix: /malformed}}
+            destination: {{upstream: local, function: malformed}}
+          - matcher: {{prefix: /missing}}
+            destination: {{upstream: local, function: missing}}
+          - matcher: {{prefix: /old}}
+            destination: {{upstream: local, function: old}}
+          - matcher: {{prefix: /echo}}
+            destination: {{upstream: local, function: echo}}
+    """)
+
+
+class Stack:
+    def __init__(self, base: str, cp: object, envoy: Envoy, folder: Path, calls: Path) -> None:
+        self.base, self.cp, self.envoy, self.folder, self.calls = base, cp, envoy, folder, calls
+
+
+@pytest.fixture
+def stack(tmp_path: Path, loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    for name in ("echo", "binary", "boom", "malformed"):
+        (functions / f"{name}.py").write_text(HANDLERS.replace(f"def {name}(", "def handler("))
+    calls = tmp_path / "calls.log"
+    monkeypatch.setenv("LG_CALL_LOG", str(calls))
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "api.yaml").write_text(config())
+    local = LocalLambda(functions, {"AKIDLOCAL": SECRET})
+    lport = loop_thread.run(local.start())
+    port = free_port()
+    try:
+        with control_plane(loop_thread, folder, listen_port=port,
+                           local_endpoint=Endpoint("http", "127.0.0.1", lport)) as cp, Envoy(cp.port) as envoy:
+            envoy.wait_listening(port)
+            yield Stack(f"http://127.0.0.1:{port}", cp, envoy, folder, calls)
+    finally:
+        loop_thread.run(local.stop())
+
+
+def test_event_reaches_function_and_response_is_unwrapped(stack: Stack) -> None:
+    r = http("GET", stack.base + "/users/u%201/orders/42?tag=a&tag=b&q=x%20y",
+             headers={"Cookie": "session=abc", "X-Trace": "t1", "User-Agent": "lg-test"})
+    assert r.status == 200
+    assert r.all("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    event = r.json()
+    assert event["httpMethod"] == "GET" and event["resource"] == "/users/{userId}/orders/{orderId}"
+    assert event["path"] == "/users/u%201/orders/42"
+    assert event["pathParameters"] == {"userId": "u 1", "orderId": "42"}
+    assert event["queryStringParameters"] == {"tag": "b", "q": "x y"}
+    assert event["multiValueQueryStringParameters"] == {"tag": ["a", "b"], "q": ["x y"]}
+    assert event["headers"]["cookie"] == "session=abc" and event["headers"]["x-trace"] == "t1"
+    ctx = event["requestContext"]
+    assert ctx["identity"]["sourceIp"] == "127.0.0.1" and ctx["identity"]["userAgent"] == "lg-test"
+    assert ctx["requestId"] == r.header("x-amzn-requestid")
+    assert ctx["protocol"] == "HTTP/1.1" and ctx["httpMethod"] == "GET"
+    assert abs(ctx["requestTimeEpoch"] / 1000 - time.time()) < 60
+    assert event["body"] is None and event["isBase64Encoded"] is False
+
+
+def test_post_text_and_binary_bodies(stack: Stack) -> None:
+    r = http("POST", stack.base + "/echo/x", json.dumps({"k": "v"}).encode(), {"content-type": "application/json"})
+    assert json.loads(r.json()["body"]) == {"k": "v"} and r.json()["isBase64Encoded"] is False
+    payload = bytes(range(256)) * 40
+    r = http("POST", stack.base + "/bin", payload, {"content-type": "application/octet-stream"})
+    assert r.status == 200 and r.body == payload[::-1]
+    assert r.header("content-type") == "application/octet-stream"
+    assert r.header("content-length") == str(len(payload))
+
+
+def test_function_errors_are_502_without_internals(stack: Stack) -> None:
+    r = http("GET", stack.base + "/boom")
+    assert r.status == 502 and r.json()["message"] == "Internal server error"
+    assert b"hunter2" not in r.body and b"Traceback" not in r.body
+    r = http("GET", stack.base + "/malformed")
+    assert r.status == 502 and r.json()["message"] == "Internal server error"
+
+
+def test_missing_function_or_version_is_a_clear_502(stack: Stack) -> None:
+    for path in ("/missing", "/old"):
+        r = http("GET", stack.base + path)
+        assert r.status == 502 and r.json()["message"] == "Lambda function not found", path
+
+
+def test_default_credential_chain_without_secret_ref(tmp_path: Path, loop_thread: LoopThread,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    (functions / "echo.py").write_text(HANDLERS.replace("def echo(", "def handler("))
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "api.yaml").write_text(config().split("---", 1)[1].replace("secret_ref: aws", ""))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDFROMENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
+    local = LocalLambda(functions, {"AKIDFROMENV": "env-secret"})
+    lport = loop_thread.run(local.start())
+    port = free_port()
+    try:
+        with control_plane(loop_thread, folder, listen_port=port,
+                           local_endpoint=Endpoint("http", "127.0.0.1", lport)) as cp, Envoy(cp.port) as envoy:
+            envoy.wait_listening(port)
+            r = http("GET", f"http://127.0.0.1:{port}/echo/env")
+            assert r.status == 200 and r.json()["path"] == "/echo/env"
+    finally:
+        loop_thread.run(local.stop())
+
+
+def test_wrong_key_is_signature_error_and_rotation_recovers(stack: Stack) -> None:
+    (stack.folder / "api.yaml").write_text(config(secret="wrong-secret"))
+    wait_until(lambda: http("GET", stack.base + "/echo").status == 502, 5, what="the wrong key to apply")
+    r = http("GET", stack.base + "/echo")
+    assert "signature" in r.json()["message"] and b"wrong-secret" not in r.body
+    (stack.folder / "api.yaml").write_text(config())
+    wait_until(lambda: http("GET", stack.base + "/echo").status == 200, 5, what="the right key to apply")
+
+
+def test_adding_and_deleting_files_reaches_envoy(stack: Stack) -> None:
+    assert http("GET", stack.base + "/extra").status == 404
+    (stack.folder / "extra.yaml").write_text(textwrap.dedent("""
+        apiVersion: lambdagate.io/v1
+        kind: VirtualService
+        metadata: {name: extra}
+        spec:
+          domains: ["extra.example"]
+          routes: [{matcher: {prefix: /extra}, destination: {upstream: local, function: echo}}]
+    """))
+    start = time.monotonic()
+    wait_until(lambda: http("GET", stack.base + "/extra", headers={"Host": "extra.example"}).status == 200, 10,
+               what="the new VirtualService")
+    # The issue's bound is 2 s; this is a functional check with slack for a loaded machine, not a benchmark.
+    assert time.monotonic() - start < 10
+    (stack.folder / "extra.yaml").unlink()
+    wait_until(lambda: http("GET", stack.base + "/extra", headers={"Host": "extra.example"}).status == 404, 10,
+               what="the deleted VirtualService to go")
+
+
+def test_secrets_never_reach_envoy_config_dump(stack: Stack) -> None:
+    dump = stack.envoy.admin("/config_dump?include_eds")
+    assert "lambdagate_routes" in dump and SECRET not in dump and "AKIDLOCAL" not in dump
+
+
+def test_fail_closed_when_extproc_is_gone(tmp_path: Path, loop_thread: LoopThread,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    (functions / "echo.py").write_text(HANDLERS.replace("def echo(", "def handler("))
+    calls = tmp_path / "calls.log"
+    monkeypatch.setenv("LG_CALL_LOG", str(calls))
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "api.yaml").write_text(config())
+    local = LocalLambda(functions, {"AKIDLOCAL": SECRET})
+    lport = loop_thread.run(local.start())
+    port = free_port()
+    try:
+        with contextlib.ExitStack() as outer:
+            cp_ctx = control_plane(loop_thread, folder, listen_port=port,
+                                   local_endpoint=Endpoint("http", "127.0.0.1", lport))
+            cp = cp_ctx.__enter__()
+            try:
+                envoy = outer.enter_context(Envoy(cp.port))
+                envoy.wait_listening(port)
+                assert http("GET", f"http://127.0.0.1:{port}/echo/1").status == 200
+                assert calls.read_text().splitlines() == ["/echo/1"]
+            finally:
+                cp_ctx.__exit__(None, None, None)
+            # The control plane (xDS and ext_proc) is gone; Envoy keeps its config but must not forward.
+            r = http("GET", f"http://127.0.0.1:{port}/echo/2")
+            assert r.status >= 500
+            assert calls.read_text().splitlines() == ["/echo/1"], "nothing reached Lambda without ext_proc"
+    finally:
+        loop_thread.run(local.stop())
