@@ -167,8 +167,8 @@ async def _up(args: argparse.Namespace) -> int:
     cp_task = asyncio.create_task(cp.run(stop))
     envoy_exit = asyncio.create_task(envoy.wait())
     rc = 0
+    ready = asyncio.create_task(_wait_port(args.address, args.port, 30))
     try:
-        ready = asyncio.create_task(_wait_port(args.address, args.port, 30))
         done, _ = await asyncio.wait({ready, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.result():
             log.info("lambdagate is up: http://%s:%d (Envoy admin on 127.0.0.1:%d)", args.address, args.port,
@@ -176,8 +176,10 @@ async def _up(args: argparse.Namespace) -> int:
         elif envoy_exit in done:
             log.error("Envoy exited with status %s before serving", envoy_exit.result())
             rc = 1
-        elif not ready.done() or not ready.result():
-            log.error("Envoy did not start listening on %s:%d", args.address, args.port)
+        else:
+            log.error("Envoy did not start listening on %s:%d (is the port taken? see the xDS log above)",
+                      args.address, args.port)
+            rc = 1
         if rc == 0:
             stop_wait = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({stop_wait, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -190,6 +192,7 @@ async def _up(args: argparse.Namespace) -> int:
                 rc = 1
     finally:
         log.info("stopping")
+        ready.cancel()
         stop.set()
         if envoy.returncode is None:
             envoy.terminate()

@@ -247,6 +247,8 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
         route_cache_action=ext_proc_pb2.ExternalProcessor.RETAIN,
         mutation_rules=mutation_rules_pb2.HeaderMutationRules(
             allow_all_routing=wrappers_pb2.BoolValue(value=True),
+            # x-envoy-* headers (x-envoy-external-address, or any a client sent) must not reach the Invoke API.
+            allow_envoy=wrappers_pb2.BoolValue(value=True),
             # A mutation the filter refuses must fail the request rather than pass it on half-rewritten.
             disallow_is_error=wrappers_pb2.BoolValue(value=True),
         ),
@@ -257,6 +259,9 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
 def listener(options: TranslateOptions) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="lambdagate",
+        # The client's address is the peer's: it becomes identity.sourceIp and is appended to X-Forwarded-For,
+        # as API Gateway does. Behind another proxy, raise xff_num_trusted_hops.
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(
             route_config_name=ROUTE_CONFIG_NAME,

@@ -7,7 +7,9 @@ secrets kept out of Envoy, and fail-closed behaviour when ext_proc is gone.
 from __future__ import annotations
 
 import contextlib
+import http.server as http_server
 import json
+import threading
 import textwrap
 import time
 from collections.abc import Iterator
@@ -251,3 +253,64 @@ def test_fail_closed_when_extproc_is_gone(tmp_path: Path, loop_thread: LoopThrea
             assert calls.read_text().splitlines() == ["/echo/1"], "nothing reached Lambda without ext_proc"
     finally:
         loop_thread.run(local.stop())
+
+
+class _Recorder(http_server.BaseHTTPRequestHandler):
+    """A Lambda stand-in that records exactly what Envoy sent it."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[str, list[tuple[str, str]], bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while (size := int(self.rfile.readline().strip(), 16)) != 0:
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        _Recorder.seen.append((self.path, list(self.headers.items()), body))
+        out = json.dumps({"statusCode": 200, "body": "recorded"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-amzn-requestid", "rec-1")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_only_the_signed_invoke_request_reaches_lambda(tmp_path: Path, loop_thread: LoopThread) -> None:
+    from controlplane.locallambda import SigV4Verifier
+
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.seen = []
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "api.yaml").write_text(config().replace("endpoint: local", f"endpoint: http://127.0.0.1:{server.server_port}"))
+    port = free_port()
+    try:
+        with control_plane(loop_thread, folder, listen_port=port) as cp, Envoy(cp.port) as envoy:
+            envoy.wait_listening(port)
+            r = http("POST", f"http://127.0.0.1:{port}/echo/a?b=c", b"hello",
+                     {"Cookie": "session=s3cr3t", "Authorization": "Bearer client-token", "X-Envoy-Foo": "1",
+                      "Content-Type": "text/plain", "X-Custom": "yes"})
+            assert r.status == 200 and r.body == b"recorded"
+    finally:
+        server.shutdown()
+        server.server_close()
+    (path, headers, body), = _Recorder.seen
+    assert path == "/2015-03-31/functions/echo/invocations"
+    names = {k.lower() for k, _ in headers}
+    # Only what the Invoke API needs (and HTTP/1's framing); nothing of the client's.
+    assert names == {"host", "content-type", "x-amz-date", "authorization", "transfer-encoding"}, names
+    assert dict((k.lower(), v) for k, v in headers)["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDLOCAL/")
+    event = json.loads(body)
+    assert event["headers"]["cookie"] == "session=s3cr3t" and event["headers"]["x-custom"] == "yes"
+    assert event["headers"]["authorization"] == "Bearer client-token" and event["body"] == "hello"
+    # The signature covers the host and the exact bytes that arrived.
+    SigV4Verifier({"AKIDLOCAL": SECRET}).verify("POST", path, headers, body)

@@ -61,8 +61,11 @@ def petstore(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Pat
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     try:
-        wait_until(lambda: proc.poll() is None and http("GET", f"http://127.0.0.1:{port}/pets").status == 200, 60,
-                   what="lambdagate up to serve /pets" + (f": {log_path.read_text()[-3000:]}" if proc.poll() else ""))
+        try:
+            wait_until(lambda: proc.poll() is None and http("GET", f"http://127.0.0.1:{port}/pets").status == 200,
+                       60, what="lambdagate up to serve /pets")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
         yield proc, port, config, log_path
     finally:
         if proc.poll() is None:
