@@ -14,9 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from controlplane.bootstrap import bootstrap_yaml

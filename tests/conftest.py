@@ -20,7 +20,7 @@ os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
 
 
 @pytest.fixture
-def loop_thread() -> Iterator["LoopThread"]:  # noqa: F821
+def loop_thread() -> Iterator[LoopThread]:  # noqa: F821
     from harness import LoopThread
 
     lt = LoopThread()

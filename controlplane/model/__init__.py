@@ -4,6 +4,8 @@ Parsing turns plain documents (as kubectl would apply them) into frozen dataclas
 """
 
 from controlplane.model.errors import ConfigError
+from controlplane.model.parse import parse_document
+from controlplane.model.resolve import Resolved, resolve
 from controlplane.model.resources import (
     KIND_SECRET,
     KIND_UPSTREAM,
@@ -19,8 +21,6 @@ from controlplane.model.resources import (
     Upstream,
     VirtualService,
 )
-from controlplane.model.parse import parse_document
-from controlplane.model.resolve import Resolved, resolve
 
 __all__ = [
     "KIND_SECRET",

@@ -40,7 +40,8 @@ def resolve(
     kept: set[ObjectKey] = set()
     prev_by_key: dict[ObjectKey, Resource] = {}
     if previous is not None:
-        for p in (*previous.secrets, *previous.upstreams, *previous.virtual_services):
+        earlier: list[Resource] = [*previous.secrets, *previous.upstreams, *previous.virtual_services]
+        for p in earlier:
             prev_by_key[p.key] = p
 
     secrets = {s.key: s for s in objects if isinstance(s, Secret)}

@@ -77,21 +77,21 @@ class FileSource:
             except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
                 parse_errors.append(ConfigError(_yaml_message(err), source=rel))
                 # Keep serving what this file held before it broke.
-                for key, (obj, src) in self._last_good.items():
-                    if src == path and key not in objects:
-                        objects[key] = (obj, src)
+                for key, entry in self._last_good.items():
+                    if entry[1] == path and key not in objects:
+                        objects[key] = entry
                 continue
             for index, doc in enumerate(docs):
                 if doc is None:
                     continue
                 where = f"{rel} (document {index + 1})" if len(docs) > 1 else rel
-                key = object_key(doc)
+                doc_key = object_key(doc)
                 try:
                     obj = parse_document(doc)
-                except ConfigError as err:
-                    parse_errors.append(err.with_context(source=where, obj=str(key) if key else None))
-                    if key is not None and key in self._last_good and key not in objects:
-                        objects[key] = self._last_good[key]
+                except ConfigError as perr:
+                    parse_errors.append(perr.with_context(source=where, obj=str(doc_key) if doc_key else None))
+                    if doc_key is not None and doc_key in self._last_good and doc_key not in objects:
+                        objects[doc_key] = self._last_good[doc_key]
                     continue
                 if obj is None:
                     continue
@@ -107,14 +107,13 @@ class FileSource:
         resolved = resolve(
             [o for o, _ in objects.values()], previous=self._last_config, local_endpoint=self.local_endpoint
         )
-        for key in list(resolved.errors):
-            err = resolved.errors[key]
-            if key in objects:
-                src = objects[key][1].relative_to(self.config_dir)
-                resolved.errors[key] = err.with_context(source=str(src))
-        accepted = {
-            o.key for o in (*resolved.config.upstreams, *resolved.config.virtual_services, *resolved.config.secrets)
-        }
+        for rkey in list(resolved.errors):
+            if rkey in objects:
+                src = objects[rkey][1].relative_to(self.config_dir)
+                resolved.errors[rkey] = resolved.errors[rkey].with_context(source=str(src))
+        served: list[Resource] = [*resolved.config.upstreams, *resolved.config.virtual_services,
+                                  *resolved.config.secrets]
+        accepted = {o.key for o in served}
         # Secrets are not in Config unless used; remember every parsed one as good.
         last_good: dict[ObjectKey, tuple[Resource, Path]] = {}
         for key, entry in objects.items():

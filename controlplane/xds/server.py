@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -102,7 +103,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                         yield response
                 get = asyncio.create_task(requests.get())
                 newer = asyncio.create_task(self.cache.wait_newer(serial))
-                done, _ = await asyncio.wait({get, newer}, return_when=asyncio.FIRST_COMPLETED)
+                waiters: set[asyncio.Task[Any]] = {get, newer}
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
                     continue

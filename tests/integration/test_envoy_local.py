@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import http.server as http_server
 import json
-import threading
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
