@@ -33,7 +33,7 @@ from controlplane.aws.responses import (
     unwrap_proxy_response,
 )
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen, sign_invoke
-from controlplane.translate.envoy import RouteTarget
+from controlplane.model.routes import RouteTarget
 
 log = logging.getLogger("lambdagate.extproc")
 

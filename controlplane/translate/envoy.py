@@ -25,8 +25,9 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from controlplane.model import AwsCredentials, Config, Matcher
+from controlplane.model import Config, Matcher
 from controlplane.model.resources import LOCAL_ENDPOINT, Endpoint, Upstream
+from controlplane.model.routes import RouteTarget
 
 LISTENER_NAME = "lambdagate_http"
 ROUTE_CONFIG_NAME = "lambdagate_routes"
@@ -54,27 +55,6 @@ class TranslateOptions:
     # A Lambda function may run 15 minutes, API Gateway stops at 29 s: the API Gateway figure is what users expect.
     route_timeout_s: float = 30.0
     extproc_message_timeout_s: float = 2.0
-
-
-@dataclass(frozen=True)
-class RouteTarget:
-    """Everything ext_proc needs for one route, precomputed so the request path does no lookups."""
-
-    route_name: str
-    virtual_service: str
-    upstream: str
-    function: str
-    function_name: str
-    qualifier: str | None
-    invoke_path: str
-    scheme: str
-    authority: str
-    region: str
-    # None: botocore's default credential chain.
-    credentials: AwsCredentials | None
-    matcher: Matcher
-    resource: str
-    stage: str
 
 
 @dataclass(frozen=True)
