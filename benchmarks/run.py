@@ -317,7 +317,7 @@ def parse_wrk(out: str, threads: int, connections: int, duration: int) -> WrkRes
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     socket_errors = dict(zip(("connect", "read", "write", "timeout"),
-                             (int(x) for x in errs.groups()) if errs else (0, 0, 0, 0)))
+                             (int(x) for x in errs.groups()) if errs else (0, 0, 0, 0), strict=True))
     return WrkResult(threads, connections, duration, int(reqs.group(1)), float(rps.group(1)),
                      pct[50], pct[75], pct[90], pct[99], int(non2xx.group(1)) if non2xx else 0, socket_errors)
 
@@ -585,14 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
 
-    info["loadavg_after"] = round(os.getloadavg()[0], 2)
     rs = ratios(results)
     print()
     print(f"Machine: {info['cpus']} cores ({info['cpu_model']}), Envoy {info['envoy']}, wrk {info['wrk']}, "
           f"Python {info['python']}. Everything shares those cores: each gateway Envoy runs --concurrency 1, "
           f"the stand-in Lambda endpoint is another Envoy (--concurrency 1), wrk runs on the same machine and, "
           f"for (c), so does lambdagate's control plane (one Python process). "
-          f"Load average before/after: {info['loadavg_before']}/{info['loadavg_after']}.")
+          f"1-minute load average before starting: {info['loadavg_before']}.")
     print(f"Latency: wrk -t1 -c1 -d{duration}s --latency. Throughput: wrk -t2 -c16 -d{duration}s. "
           f"Warm-up: wrk -t2 -c16 -d{warmup}s per path, not counted.")
     print()

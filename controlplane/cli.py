@@ -115,6 +115,15 @@ async def _wait_port(host: str, port: int, timeout: float) -> bool:
     return False
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: Linux sends it SIGTERM if `lambdagate up` dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 async def _up(args: argparse.Namespace) -> int:
     from controlplane.app import ControlPlane, Settings
     from controlplane.model.resources import Endpoint
@@ -161,6 +170,7 @@ async def _up(args: argparse.Namespace) -> int:
         "--log-level",
         args.envoy_log_level,
         stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     cp_task = asyncio.create_task(cp.run(stop))
     envoy_exit = asyncio.create_task(envoy.wait())

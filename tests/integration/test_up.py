@@ -5,6 +5,7 @@ Exercises what a user does: curl the four routes, edit the VirtualService live, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,11 +69,14 @@ def petstore(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Pat
             raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
         yield proc, port, config, log_path
     finally:
+        # Find the children before the parent goes: afterwards they belong to init.
+        kids = children(proc.pid)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_petstore_routes_live_edit_and_clean_stop(petstore) -> None:
@@ -118,3 +122,12 @@ def test_petstore_routes_live_edit_and_clean_stop(petstore) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     wait_until(lambda: not any(alive(pid) for pid in kids), 10, what="every child to stop")
+
+
+def test_envoy_dies_with_a_killed_up(petstore) -> None:
+    proc, *_ = petstore
+    kids = children(proc.pid)
+    assert kids
+    proc.kill()  # no cleanup can run: the kernel's parent-death signal must still stop Envoy
+    proc.wait()
+    wait_until(lambda: not any(alive(pid) for pid in kids), 10, what="Envoy to follow its parent")
