@@ -32,8 +32,9 @@ from controlplane.bootstrap import bootstrap_yaml
 from controlplane.cli import envoy_binary
 
 LAMBDA_ARN = "arn:aws:lambda:us-east-1:123456789012:function:bench"
-LAMBDA_BODY = json.dumps({"statusCode": 200, "headers": {"content-type": "text/plain"}, "body": "ok"},
-                         separators=(",", ":"))
+LAMBDA_BODY = json.dumps(
+    {"statusCode": 200, "headers": {"content-type": "text/plain"}, "body": "ok"}, separators=(",", ":")
+)
 INVOKE_PREFIX = "/2015-03-31/functions/"
 # Fake keys: the stand-in endpoint never checks the signature, it only needs the gateway to have produced one.
 FAKE_ACCESS_KEY = "AKIDBENCHMARKFAKE000"
@@ -63,8 +64,14 @@ class Proc:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (open for the child's lifetime; stop() closes it)
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, start_new_session=True)
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -122,7 +129,7 @@ def cpu_seconds(pid: int) -> float:
     with contextlib.suppress(OSError, ValueError, IndexError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         # The command name may hold spaces; the fields after its closing ')' are fixed.
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return 0.0
 
@@ -173,27 +180,43 @@ def _listener(port: int, routes: list[dict[str, Any]], filters: list[dict[str, A
     return {
         "name": "bench",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                         ".HttpConnectionManager",
-                "stat_prefix": "bench",
-                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
-                "http_filters": [*filters, {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                }],
-            },
-        }]}],
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                            ".HttpConnectionManager",
+                            "stat_prefix": "bench",
+                            "route_config": {
+                                "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]
+                            },
+                            "http_filters": [
+                                *filters,
+                                {
+                                    "name": "envoy.filters.http.router",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                                    },
+                                },
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
     }
 
 
 def _static(admin_port: int, listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) -> str:
-    return yaml.safe_dump({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+            "static_resources": {"listeners": listeners, "clusters": clusters},
+        },
+        sort_keys=False,
+    )
 
 
 def fast_lambda_config(port: int, admin_port: int) -> str:
@@ -211,13 +234,24 @@ def fast_lambda_config(port: int, admin_port: int) -> str:
         {"header": {"key": "x-amzn-requestid", "value": "bench"}},
     ]
     routes = [
-        {"match": {"prefix": INVOKE_PREFIX, "headers": [{"name": "authorization", "present_match": True}]},
-         "direct_response": lambda_ok, "response_headers_to_add": ok_headers},
+        {
+            "match": {"prefix": INVOKE_PREFIX, "headers": [{"name": "authorization", "present_match": True}]},
+            "direct_response": lambda_ok,
+            "response_headers_to_add": ok_headers,
+        },
         # Path (a) marks its requests, so a request reaching here neither signed nor marked is a broken gateway.
-        {"match": {"prefix": "/", "headers": [{"name": PLAIN_MARK, "present_match": True}]},
-         "direct_response": lambda_ok, "response_headers_to_add": ok_headers},
-        {"match": {"prefix": "/"},
-         "direct_response": {"status": 403, "body": {"inline_string": '{"message":"not a signed Invoke"}'}}},
+        {
+            "match": {"prefix": "/", "headers": [{"name": PLAIN_MARK, "present_match": True}]},
+            "direct_response": lambda_ok,
+            "response_headers_to_add": ok_headers,
+        },
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 403,
+                "body": {"inline_string": '{"message":"not a signed Invoke"}'},
+            },
+        },
     ]
     return _static(admin_port, [_listener(port, routes, [])], [])
 
@@ -227,9 +261,22 @@ def _fast_cluster(fast_port: int, lambda_gateway: bool = False) -> dict[str, Any
         "name": "fast_lambda",
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "fast_lambda", "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": fast_port}}}}
-        ]}]},
+        "load_assignment": {
+            "cluster_name": "fast_lambda",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": fast_port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
     }
     if lambda_gateway:
         # Without this mark the aws_lambda filter (as a downstream filter) lets the request through untouched.
@@ -238,8 +285,13 @@ def _fast_cluster(fast_port: int, lambda_gateway: bool = False) -> dict[str, Any
 
 
 def proxy_config(port: int, admin_port: int, fast_port: int) -> str:
-    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "fast_lambda"},
-               "request_headers_to_add": [{"header": {"key": PLAIN_MARK, "value": "1"}}]}]
+    routes = [
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "fast_lambda"},
+            "request_headers_to_add": [{"header": {"key": PLAIN_MARK, "value": "1"}}],
+        }
+    ]
     return _static(admin_port, [_listener(port, routes, [])], [_fast_cluster(fast_port)])
 
 
@@ -261,15 +313,38 @@ def lambdagate_config_dir(root: Path, fast_port: int) -> Path:
     d = root / "lambdagate-config"
     d.mkdir()
     docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bench-aws"},
-         "stringData": {"access_key": FAKE_ACCESS_KEY, "secret_key": FAKE_SECRET_KEY}},
-        {"apiVersion": "lambdagate.io/v1", "kind": "Upstream", "metadata": {"name": "bench-lambdas"},
-         "spec": {"type": "aws", "region": "us-east-1", "secret_ref": "bench-aws",
-                  "endpoint": f"http://127.0.0.1:{fast_port}",
-                  "functions": [{"name": "bench", "spec": {"function_name": "bench"}}]}},
-        {"apiVersion": "lambdagate.io/v1", "kind": "VirtualService", "metadata": {"name": "bench"},
-         "spec": {"domains": ["*"], "routes": [
-             {"matcher": {"prefix": "/"}, "destination": {"upstream": "bench-lambdas", "function": "bench"}}]}},
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "bench-aws"},
+            "stringData": {"access_key": FAKE_ACCESS_KEY, "secret_key": FAKE_SECRET_KEY},
+        },
+        {
+            "apiVersion": "lambdagate.io/v1",
+            "kind": "Upstream",
+            "metadata": {"name": "bench-lambdas"},
+            "spec": {
+                "type": "aws",
+                "region": "us-east-1",
+                "secret_ref": "bench-aws",
+                "endpoint": f"http://127.0.0.1:{fast_port}",
+                "functions": [{"name": "bench", "spec": {"function_name": "bench"}}],
+            },
+        },
+        {
+            "apiVersion": "lambdagate.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "domains": ["*"],
+                "routes": [
+                    {
+                        "matcher": {"prefix": "/"},
+                        "destination": {"upstream": "bench-lambdas", "function": "bench"},
+                    }
+                ],
+            },
+        },
     ]
     (d / "bench.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
     return d
@@ -316,25 +391,49 @@ def parse_wrk(out: str, threads: int, connections: int, duration: int) -> WrkRes
         raise BenchError(f"could not parse wrk's output:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    socket_errors = dict(zip(("connect", "read", "write", "timeout"),
-                             (int(x) for x in errs.groups()) if errs else (0, 0, 0, 0), strict=True))
-    return WrkResult(threads, connections, duration, int(reqs.group(1)), float(rps.group(1)),
-                     pct[50], pct[75], pct[90], pct[99], int(non2xx.group(1)) if non2xx else 0, socket_errors)
+    socket_errors = dict(
+        zip(
+            ("connect", "read", "write", "timeout"),
+            (int(x) for x in errs.groups()) if errs else (0, 0, 0, 0),
+            strict=True,
+        )
+    )
+    return WrkResult(
+        threads,
+        connections,
+        duration,
+        int(reqs.group(1)),
+        float(rps.group(1)),
+        pct[50],
+        pct[75],
+        pct[90],
+        pct[99],
+        int(non2xx.group(1)) if non2xx else 0,
+        socket_errors,
+    )
 
 
 def run_wrk(url: str, threads: int, connections: int, duration: int, watch: list[Proc]) -> WrkResult:
     before = {p.name: cpu_seconds(p.pid) for p in watch}
     t0 = time.monotonic()
-    proc = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
-                          check=False, capture_output=True, text=True, timeout=duration + 60)
+    proc = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    )
     elapsed = time.monotonic() - t0
     if proc.returncode != 0:
         raise BenchError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     res = parse_wrk(proc.stdout, threads, connections, duration)
     res.cpu = {p.name: round(100 * (cpu_seconds(p.pid) - before[p.name]) / elapsed, 1) for p in watch}
     if res.failed:
-        print(f"  !! wrk saw failures on {url}: non-2xx={res.non_2xx} socket errors={res.socket_errors}\n"
-              f"{proc.stdout}", file=sys.stderr)
+        print(
+            f"  !! wrk saw failures on {url}: non-2xx={res.non_2xx} socket errors={res.socket_errors}\n"
+            f"{proc.stdout}",
+            file=sys.stderr,
+        )
     return res
 
 
@@ -359,8 +458,20 @@ def start_envoy(procs: Procs, name: str, config: str, env: dict[str, str] | None
     path = procs.workdir / f"{name}.yaml"
     path.write_text(config)
     # One worker: the gateway gets one core of the two, the other is left to wrk, the endpoint and ext_proc.
-    return procs.start(name, [envoy_binary(), "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
-                              "--log-level", "warning"], env)
+    return procs.start(
+        name,
+        [
+            envoy_binary(),
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        env,
+    )
 
 
 def clean_env() -> dict[str, str]:
@@ -376,8 +487,10 @@ def verify(key: str, url: str, procs: list[Proc]) -> str:
         nonlocal reply
         reply = get(url)
         if reply.status == 403:
-            raise BenchError(f"path ({key}): the endpoint refused the request as not a signed Invoke "
-                             f"(the gateway did not sign or rewrite it): {reply.body[:200]!r}")
+            raise BenchError(
+                f"path ({key}): the endpoint refused the request as not a signed Invoke "
+                f"(the gateway did not sign or rewrite it): {reply.body[:200]!r}"
+            )
         # (c) serves 404/503 until xDS has delivered the routes; keep asking until it answers for real.
         return reply.status == 200
 
@@ -385,7 +498,9 @@ def verify(key: str, url: str, procs: list[Proc]) -> str:
         wait_for(f"path ({key}) to answer 200 on {url}", answered, procs, timeout=30)
     except BenchError as err:
         if reply is not None and reply.status not in (200, 403):
-            raise BenchError(f"path ({key}) last answered {reply.status} {reply.body[:300]!r}\n{err}") from None
+            raise BenchError(
+                f"path ({key}) last answered {reply.status} {reply.body[:300]!r}\n{err}"
+            ) from None
         raise
     assert reply is not None
     body = reply.body.decode("utf-8", "replace")
@@ -420,9 +535,12 @@ def bench_proxy(procs: Procs, fast_port: int, duration: int, warmup: int) -> Pat
 
 def bench_native(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
     port, admin = free_port(), free_port()
-    env = clean_env() | {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
-                         # No EC2 here: keep the default chain from polling the instance metadata address.
-                         "AWS_EC2_METADATA_DISABLED": "true"}
+    env = clean_env() | {
+        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+        # No EC2 here: keep the default chain from polling the instance metadata address.
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     envoy = start_envoy(procs, "envoy-b-native", native_lambda_config(port, admin, fast_port), env)
     try:
         return measure("b", f"http://127.0.0.1:{port}/", [envoy], duration, warmup)
@@ -434,20 +552,37 @@ def bench_lambdagate(procs: Procs, fast_port: int, duration: int, warmup: int) -
     port, admin, grpc_port = free_port(), free_port(), free_port()
     config_dir = lambdagate_config_dir(procs.workdir, fast_port)
     # Its own process (and GIL), started the way an operator runs it next to an existing Envoy.
-    cp = procs.start("lambdagate-serve", [
-        sys.executable, "-m", "controlplane.cli", "--log-level", "warning", "serve",
-        "--config-dir", str(config_dir), "--grpc-address", f"127.0.0.1:{grpc_port}",
-        "--listen-address", "127.0.0.1", "--listen-port", str(port),
-    ], clean_env())
+    cp = procs.start(
+        "lambdagate-serve",
+        [
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "--log-level",
+            "warning",
+            "serve",
+            "--config-dir",
+            str(config_dir),
+            "--grpc-address",
+            f"127.0.0.1:{grpc_port}",
+            "--listen-address",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+        ],
+        clean_env(),
+    )
     envoy: Proc | None = None
     try:
+
         def grpc_up() -> bool:
             with socket.create_connection(("127.0.0.1", grpc_port), timeout=0.5):
                 return True
 
         wait_for("lambdagate's gRPC port", grpc_up, [cp])
-        envoy = start_envoy(procs, "envoy-c-lambdagate", bootstrap_yaml(xds_port=grpc_port, admin_port=admin),
-                            clean_env())
+        envoy = start_envoy(
+            procs, "envoy-c-lambdagate", bootstrap_yaml(xds_port=grpc_port, admin_port=admin), clean_env()
+        )
         return measure("c", f"http://127.0.0.1:{port}/", [envoy, cp], duration, warmup)
     finally:
         if envoy is not None:
@@ -459,8 +594,12 @@ def bench_lambdagate(procs: Procs, fast_port: int, duration: int, warmup: int) -
 
 
 def _cpu_text(r: WrkResult) -> str:
-    names = {"envoy-a-proxy": "Envoy", "envoy-b-native": "Envoy", "envoy-c-lambdagate": "Envoy",
-             "lambdagate-serve": "lambdagate"}
+    names = {
+        "envoy-a-proxy": "Envoy",
+        "envoy-b-native": "Envoy",
+        "envoy-c-lambdagate": "Envoy",
+        "lambdagate-serve": "lambdagate",
+    }
     return ", ".join(f"{names.get(k, k)} {v:.0f}%" for k, v in r.cpu.items())
 
 
@@ -471,8 +610,10 @@ def table(results: dict[str, PathResult]) -> str:
     ]
     for key, r in results.items():
         flag = " **FAILED**" if r.failed else ""
-        lines.append(f"| ({key}) {r.name}{flag} | {r.latency.p50_ms:.3f} | {r.latency.p99_ms:.3f} | "
-                     f"{r.throughput.rps:,.0f} | {_cpu_text(r.throughput)} |")
+        lines.append(
+            f"| ({key}) {r.name}{flag} | {r.latency.p50_ms:.3f} | {r.latency.p99_ms:.3f} | "
+            f"{r.throughput.rps:,.0f} | {_cpu_text(r.throughput)} |"
+        )
     return "\n".join(lines)
 
 
@@ -484,14 +625,19 @@ def ratios(results: dict[str, PathResult]) -> dict[str, dict[str, float]]:
             out[f"{new}_vs_{base}"] = {
                 "added_p50_ms": round(n.latency.p50_ms - b.latency.p50_ms, 3),
                 "added_p99_ms": round(n.latency.p99_ms - b.latency.p99_ms, 3),
-                "throughput_pct": round(100 * n.throughput.rps / b.throughput.rps, 1) if b.throughput.rps else 0.0,
+                "throughput_pct": round(100 * n.throughput.rps / b.throughput.rps, 1)
+                if b.throughput.rps
+                else 0.0,
             }
     return out
 
 
 def ratio_lines(rs: dict[str, dict[str, float]]) -> str:
-    words = {"c_vs_b": "(c) lambdagate vs (b) native filter", "b_vs_a": "(b) native filter vs (a) plain proxy",
-             "c_vs_a": "(c) lambdagate vs (a) plain proxy"}
+    words = {
+        "c_vs_b": "(c) lambdagate vs (b) native filter",
+        "b_vs_a": "(b) native filter vs (a) plain proxy",
+        "c_vs_a": "(c) lambdagate vs (a) plain proxy",
+    }
     return "\n".join(
         f"- {words[k]}: {v['added_p50_ms']:+.3f} ms at p50 ({v['added_p99_ms']:+.3f} ms at p99), "
         f"throughput {v['throughput_pct']:.1f}%"
@@ -502,8 +648,9 @@ def ratio_lines(rs: dict[str, dict[str, float]]) -> str:
 def machine() -> dict[str, Any]:
     # wrk -v exits non-zero after printing its version; only the text matters.
     wrk_version = subprocess.run(["wrk", "-v"], check=False, capture_output=True, text=True).stdout
-    envoy_version = subprocess.run([envoy_binary(), "--version"], check=False, capture_output=True,
-                                   text=True).stdout
+    envoy_version = subprocess.run(
+        [envoy_binary(), "--version"], check=False, capture_output=True, text=True
+    ).stdout
     envoy_match = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
     wrk_match = re.search(r"wrk (\S+)", wrk_version)
     return {
@@ -548,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
     p.add_argument("--quick", action="store_true", help="3 s runs and 1 s warm-ups")
-    p.add_argument("--warmup", type=int, default=None, help="seconds of warm-up per path (default 3, quick 1)")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="seconds of warm-up per path (default 3, quick 1)"
+    )
     p.add_argument("--paths", default="abc", help="which paths to run, e.g. 'bc' (default abc)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder of configs and logs")
@@ -565,18 +714,26 @@ def main(argv: list[str] | None = None) -> int:
     # Anything else running steals from the same two cores; say so rather than publish skewed numbers silently.
     info["loadavg_before"] = round(os.getloadavg()[0], 2)
     if info["loadavg_before"] > 0.5:
-        print(f"warning: 1-minute load average is {info['loadavg_before']} before starting; other work on this "
-              f"machine will skew the numbers", file=sys.stderr)
+        print(
+            f"warning: 1-minute load average is {info['loadavg_before']} before starting; other work on this "
+            f"machine will skew the numbers",
+            file=sys.stderr,
+        )
     results: dict[str, PathResult] = {}
     error: str | None = None
     with workspace(args.keep) as workdir:
         procs = Procs(workdir)
         try:
             fast_port, fast_admin = free_port(), free_port()
-            fast = start_envoy(procs, "envoy-fast-lambda", fast_lambda_config(fast_port, fast_admin), clean_env())
+            fast = start_envoy(
+                procs, "envoy-fast-lambda", fast_lambda_config(fast_port, fast_admin), clean_env()
+            )
             # Unmarked, unsigned requests get its 403: answering at all is what "up" means here.
-            wait_for("the fast Lambda endpoint",
-                     lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403, [fast])
+            wait_for(
+                "the fast Lambda endpoint",
+                lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403,
+                [fast],
+            )
             runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate}
             for key in keys:
                 results[key] = runners[key](procs, fast_port, duration, warmup)
@@ -587,29 +744,45 @@ def main(argv: list[str] | None = None) -> int:
 
     rs = ratios(results)
     print()
-    print(f"Machine: {info['cpus']} cores ({info['cpu_model']}), Envoy {info['envoy']}, wrk {info['wrk']}, "
-          f"Python {info['python']}. Everything shares those cores: each gateway Envoy runs --concurrency 1, "
-          f"the stand-in Lambda endpoint is another Envoy (--concurrency 1), wrk runs on the same machine and, "
-          f"for (c), so does lambdagate's control plane (one Python process). "
-          f"1-minute load average before starting: {info['loadavg_before']}.")
-    print(f"Latency: wrk -t1 -c1 -d{duration}s --latency. Throughput: wrk -t2 -c16 -d{duration}s. "
-          f"Warm-up: wrk -t2 -c16 -d{warmup}s per path, not counted.")
+    print(
+        f"Machine: {info['cpus']} cores ({info['cpu_model']}), Envoy {info['envoy']}, wrk {info['wrk']}, "
+        f"Python {info['python']}. Everything shares those cores: each gateway Envoy runs --concurrency 1, "
+        f"the stand-in Lambda endpoint is another Envoy (--concurrency 1), wrk runs on the same machine and, "
+        f"for (c), so does lambdagate's control plane (one Python process). "
+        f"1-minute load average before starting: {info['loadavg_before']}."
+    )
+    print(
+        f"Latency: wrk -t1 -c1 -d{duration}s --latency. Throughput: wrk -t2 -c16 -d{duration}s. "
+        f"Warm-up: wrk -t2 -c16 -d{warmup}s per path, not counted."
+    )
     print()
     print(table(results) if results else "(no path was measured)")
     print()
     print(ratio_lines(rs))
     failed = [r for r in results.values() if r.failed]
     for r in failed:
-        print(f"\nFAILED ({r.key}): non-2xx {r.latency.non_2xx}+{r.throughput.non_2xx}, socket errors "
-              f"{r.latency.socket_errors} / {r.throughput.socket_errors}, warm-up failures {r.warmup_failures}")
+        print(
+            f"\nFAILED ({r.key}): non-2xx {r.latency.non_2xx}+{r.throughput.non_2xx}, socket errors "
+            f"{r.latency.socket_errors} / {r.throughput.socket_errors}, warm-up failures {r.warmup_failures}"
+        )
     if error:
         print(f"\nERROR: {error}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "machine": info, "duration_s": duration, "warmup_s": warmup,
-            "paths": {k: asdict(v) | {"failed": v.failed} for k, v in results.items()},
-            "ratios": rs, "error": error, "ok": not failed and error is None and len(results) == len(keys),
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "duration_s": duration,
+                    "warmup_s": warmup,
+                    "paths": {k: asdict(v) | {"failed": v.failed} for k, v in results.items()},
+                    "ratios": rs,
+                    "error": error,
+                    "ok": not failed and error is None and len(results) == len(keys),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 1 if failed or error else 0
 
 

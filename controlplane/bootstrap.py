@@ -67,7 +67,10 @@ def bootstrap_config(
                                     {
                                         "endpoint": {
                                             "address": {
-                                                "socket_address": {"address": xds_host, "port_value": xds_port}
+                                                "socket_address": {
+                                                    "address": xds_host,
+                                                    "port_value": xds_port,
+                                                }
                                             }
                                         }
                                     }

@@ -179,18 +179,27 @@ async def _up(args: argparse.Namespace) -> int:
     try:
         done, _ = await asyncio.wait({ready, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.result():
-            log.info("lambdagate is up: http://%s:%d (Envoy admin on 127.0.0.1:%d)", args.address, args.port,
-                     admin_port)
+            log.info(
+                "lambdagate is up: http://%s:%d (Envoy admin on 127.0.0.1:%d)",
+                args.address,
+                args.port,
+                admin_port,
+            )
         elif envoy_exit in done:
             log.error("Envoy exited with status %s before serving", envoy_exit.result())
             rc = 1
         else:
-            log.error("Envoy did not start listening on %s:%d (is the port taken? see the xDS log above)",
-                      args.address, args.port)
+            log.error(
+                "Envoy did not start listening on %s:%d (is the port taken? see the xDS log above)",
+                args.address,
+                args.port,
+            )
             rc = 1
         if rc == 0:
             stop_wait = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({stop_wait, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {stop_wait, envoy_exit, cp_task}, return_when=asyncio.FIRST_COMPLETED
+            )
             stop_wait.cancel()
             if envoy_exit in done:
                 log.error("Envoy exited unexpectedly with status %s", envoy_exit.result())
@@ -250,7 +259,9 @@ async def _local_lambda(args: argparse.Namespace) -> int:
             if sec.credentials:
                 creds[sec.credentials.access_key] = sec.credentials.secret_key
     if not creds:
-        log.error("give the keys the endpoint accepts: --access-key/--secret-key, or --config-dir with Secrets")
+        log.error(
+            "give the keys the endpoint accepts: --access-key/--secret-key, or --config-dir with Secrets"
+        )
         return 2
     server = LocalLambda(Path(args.functions_dir), creds, host=args.host, port=args.port, region=args.region)
     port = await server.start()
@@ -276,20 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--address", default="127.0.0.1", help="address Envoy serves HTTP on")
     up.add_argument("--grpc-port", type=int, default=0, help="xDS/ext_proc port (default: a free one)")
     up.add_argument("--admin-port", type=int, default=0, help="Envoy admin port (default: a free one)")
-    up.add_argument("--local-lambda-port", type=int, default=0, help="local Lambda port (default: a free one)")
+    up.add_argument(
+        "--local-lambda-port", type=int, default=0, help="local Lambda port (default: a free one)"
+    )
     up.add_argument("--envoy-log-level", default="warning")
 
     serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
     serve.add_argument("--config-dir", required=True)
-    serve.add_argument("--grpc-address", type=_host_port, default=("127.0.0.1", 18000),
-                       help="where xDS and ext_proc listen (HOST:PORT)")
-    serve.add_argument("--extproc-address", type=_host_port, default=None,
-                       help="address Envoy uses to reach ext_proc (default: the gRPC address)")
+    serve.add_argument(
+        "--grpc-address",
+        type=_host_port,
+        default=("127.0.0.1", 18000),
+        help="where xDS and ext_proc listen (HOST:PORT)",
+    )
+    serve.add_argument(
+        "--extproc-address",
+        type=_host_port,
+        default=None,
+        help="address Envoy uses to reach ext_proc (default: the gRPC address)",
+    )
     serve.add_argument("--listen-address", default="0.0.0.0", help="address of Envoy's HTTP listener")
     serve.add_argument("--listen-port", type=int, default=8080, help="port of Envoy's HTTP listener")
     serve.add_argument("--local-lambda-url", default=None, help="what `endpoint: local` means")
-    serve.add_argument("--ca-bundle", default="/etc/ssl/certs/ca-certificates.crt",
-                       help="CA file Envoy uses to verify Lambda's TLS certificate")
+    serve.add_argument(
+        "--ca-bundle",
+        default="/etc/ssl/certs/ca-certificates.crt",
+        help="CA file Envoy uses to verify Lambda's TLS certificate",
+    )
 
     boot = sub.add_parser("bootstrap", help="print the Envoy bootstrap that points at lambdagate's xDS")
     boot.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000))
@@ -302,23 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
     ll.add_argument("--port", type=int, default=9001)
     ll.add_argument("--region", default=None)
     ll.add_argument("--access-key", default=None, help="or LAMBDAGATE_LOCAL_ACCESS_KEY")
-    ll.add_argument("--secret-key", default=None,
-                    help="or LAMBDAGATE_LOCAL_SECRET_KEY, which keeps it out of the process list")
+    ll.add_argument(
+        "--secret-key",
+        default=None,
+        help="or LAMBDAGATE_LOCAL_SECRET_KEY, which keeps it out of the process list",
+    )
     ll.add_argument("--config-dir", default=None, help="also accept the keys of the Secrets in this folder")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `up` forks Envoy while gRPC threads run; gRPC's fork handlers would only log noise about it.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     if args.command == "bootstrap":
         host, port = args.xds_address
-        sys.stdout.write(bootstrap_yaml(xds_host=host, xds_port=port, node_id=args.node_id,
-                                        admin_port=args.admin_port))
+        sys.stdout.write(
+            bootstrap_yaml(xds_host=host, xds_port=port, node_id=args.node_id, admin_port=args.admin_port)
+        )
         return 0
     runner = {"serve": _serve, "up": _up, "local-lambda": _local_lambda}[args.command]
     # Plain asyncio: grpc.aio does not support uvloop, and measured here uvloop bought nothing.
     return asyncio.run(runner(args))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -97,8 +97,13 @@ class HttpResult:
         return json.loads(self.body)
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 10) -> HttpResult:
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> HttpResult:
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -120,12 +125,24 @@ class Envoy:
 
     def __enter__(self) -> Envoy:
         boot = self.dir / "bootstrap.yaml"
-        boot.write_text(bootstrap_yaml(xds_port=self.xds_port, admin_port=self.admin_port, node_id=self.node_id))
+        boot.write_text(
+            bootstrap_yaml(xds_port=self.xds_port, admin_port=self.admin_port, node_id=self.node_id)
+        )
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--log-level", "warning",
-             "--concurrency", "1"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                envoy_binary(),
+                "-c",
+                str(boot),
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+                "--concurrency",
+                "1",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         return self
 
@@ -177,24 +194,45 @@ class MotoServer:
         env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         wait_until(lambda: http("GET", self.url + "/moto-api/").status == 200, 30, what="moto server")
         import boto3
 
-        iam = boto3.client("iam", endpoint_url=self.url, region_name="us-east-1",
-                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
         iam.create_user(UserName="lambdagate")
         iam.put_user_policy(
-            UserName="lambdagate", PolicyName="invoke",
-            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
-                {"Effect": "Allow", "Action": ["lambda:*", "iam:PassRole", "iam:CreateRole", "iam:GetRole"],
-                 "Resource": "*"}]}),
+            UserName="lambdagate",
+            PolicyName="invoke",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Action": ["lambda:*", "iam:PassRole", "iam:CreateRole", "iam:GetRole"],
+                            "Resource": "*",
+                        }
+                    ],
+                }
+            ),
         )
         key = iam.create_access_key(UserName="lambdagate")["AccessKey"]
         self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
-        config = http("POST", self.url + "/moto-api/config", json.dumps({"lambda": {"use_docker": False}}).encode(),
-                      {"content-type": "application/json"})
+        config = http(
+            "POST",
+            self.url + "/moto-api/config",
+            json.dumps({"lambda": {"use_docker": False}}).encode(),
+            {"content-type": "application/json"},
+        )
         assert config.status in (200, 201), config
         return self
 
@@ -202,10 +240,14 @@ class MotoServer:
         import boto3
         from botocore.config import Config
 
-        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id=self.access_key,
-                            aws_secret_access_key=secret_key or self.secret_key,
-                            config=Config(retries={"total_max_attempts": 1}))
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
 
     def create_function(self, name: str) -> None:
         import io
@@ -220,14 +262,20 @@ class MotoServer:
         except Exception:
             role = iam.create_role(RoleName="lambda-role", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
         self.client("lambda").create_function(
-            FunctionName=name, Runtime="python3.11", Role=role, Handler="index.handler",
+            FunctionName=name,
+            Runtime="python3.11",
+            Role=role,
+            Handler="index.handler",
             Code={"ZipFile": buf.getvalue()},
         )
 
     def queue_results(self, results: list[str]) -> None:
-        r = http("POST", self.url + "/moto-api/static/lambda-simple/response",
-                 json.dumps({"results": results, "region": "us-east-1"}).encode(),
-                 {"content-type": "application/json"})
+        r = http(
+            "POST",
+            self.url + "/moto-api/static/lambda-simple/response",
+            json.dumps({"results": results, "region": "us-east-1"}).encode(),
+            {"content-type": "application/json"},
+        )
         assert r.status == 201, r
 
     def __exit__(self, *exc: object) -> None:
@@ -241,16 +289,20 @@ class MotoServer:
 
 
 @contextlib.contextmanager
-def control_plane(loop: LoopThread, config_dir: Path, *, listen_port: int,
-                  local_endpoint: Any = None) -> Iterator[Any]:
+def control_plane(
+    loop: LoopThread, config_dir: Path, *, listen_port: int, local_endpoint: Any = None
+) -> Iterator[Any]:
     """Our control plane (xDS + ext_proc) on a free port, running until the block ends."""
     from controlplane.app import ControlPlane, Settings
     from controlplane.translate.envoy import TranslateOptions
 
     settings = Settings(
-        config_dir=config_dir, grpc_host="127.0.0.1", grpc_port=0,
+        config_dir=config_dir,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
         translate=TranslateOptions(listen_address="127.0.0.1", listen_port=listen_port, extproc_port=0),
-        local_endpoint=local_endpoint, grace_s=0.5,
+        local_endpoint=local_endpoint,
+        grace_s=0.5,
     )
 
     async def make() -> tuple[Any, asyncio.Event]:

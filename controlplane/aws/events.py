@@ -113,7 +113,11 @@ def build_v1_event(req: HttpRequest, route: RouteInfo, now: float | None = None)
 
     body, is_b64 = encode_body(req.body, content_type)
     resource = route.resource
-    domain = req.authority.rsplit(":", 1)[0] if req.authority and not req.authority.endswith("]") else req.authority
+    domain = (
+        req.authority.rsplit(":", 1)[0]
+        if req.authority and not req.authority.endswith("]")
+        else req.authority
+    )
     return {
         "resource": resource,
         "path": raw_path,

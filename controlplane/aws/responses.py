@@ -75,7 +75,9 @@ def unwrap_proxy_response(payload: bytes) -> HttpResponse:
     except (ValueError, UnicodeDecodeError) as err:
         raise MalformedResponse(f"the function's result is not JSON ({err})") from None
     if not isinstance(doc, dict):
-        raise MalformedResponse(f"the function returned a JSON {type(doc).__name__}, not an object with statusCode")
+        raise MalformedResponse(
+            f"the function returned a JSON {type(doc).__name__}, not an object with statusCode"
+        )
     if "statusCode" not in doc:
         raise MalformedResponse("the function's result has no statusCode")
     status = doc["statusCode"]
@@ -146,45 +148,88 @@ def function_error(payload: bytes, kind: str, request_id: str) -> HttpResponse:
         doc = json.loads(payload)
         if isinstance(doc, dict):
             detail = f"{doc.get('errorType', 'Error')}: {doc.get('errorMessage', '')}"
-            if doc.get("errorType") == "Sandbox.Timedout" or "Task timed out" in str(doc.get("errorMessage", "")):
-                return json_error(504, "Endpoint request timed out", request_id,
-                                  log_reason="function timed out", log_detail=detail)
+            if doc.get("errorType") == "Sandbox.Timedout" or "Task timed out" in str(
+                doc.get("errorMessage", "")
+            ):
+                return json_error(
+                    504,
+                    "Endpoint request timed out",
+                    request_id,
+                    log_reason="function timed out",
+                    log_detail=detail,
+                )
     except ValueError:
         detail = _short(payload)
-    return json_error(502, "Internal server error", request_id,
-                      log_reason=f"function error ({kind})", log_detail=detail or _short(payload))
+    return json_error(
+        502,
+        "Internal server error",
+        request_id,
+        log_reason=f"function error ({kind})",
+        log_detail=detail or _short(payload),
+    )
 
 
-def invoke_api_error(status: int, error_type: str, payload: bytes, request_id: str,
-                     retry_after: str | None) -> HttpResponse:
+def invoke_api_error(
+    status: int, error_type: str, payload: bytes, request_id: str, retry_after: str | None
+) -> HttpResponse:
     """The Invoke API refused the call itself. Map it to what a client of a gateway can act on."""
     message, code = _error_body(payload)
     etype = error_type.split(":", 1)[0] or code
     detail = f"{etype or 'HTTP ' + str(status)}: {message}"
     if status == 429 or etype in ("TooManyRequestsException", "EC2ThrottledException"):
-        resp = json_error(429, "Too Many Requests", request_id, log_reason="Lambda throttled", log_detail=detail)
+        resp = json_error(
+            429, "Too Many Requests", request_id, log_reason="Lambda throttled", log_detail=detail
+        )
         if retry_after:
             resp.headers.append(("retry-after", retry_after))
         return resp
-    if etype in ("InvalidSignatureException", "UnrecognizedClientException", "IncompleteSignatureException",
-                 "MissingAuthenticationTokenException", "ExpiredTokenException", "InvalidClientTokenId",
-                 "SignatureDoesNotMatch"):
-        return json_error(502, f"Lambda rejected the gateway's request signature ({etype})", request_id,
-                          log_reason="signature rejected: check the Upstream's credentials", log_detail=detail)
+    if etype in (
+        "InvalidSignatureException",
+        "UnrecognizedClientException",
+        "IncompleteSignatureException",
+        "MissingAuthenticationTokenException",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+    ):
+        return json_error(
+            502,
+            f"Lambda rejected the gateway's request signature ({etype})",
+            request_id,
+            log_reason="signature rejected: check the Upstream's credentials",
+            log_detail=detail,
+        )
     if etype in ("AccessDeniedException", "AccessDenied") or status == 403:
-        return json_error(502, f"Lambda denied the invocation ({etype or 'AccessDenied'})", request_id,
-                          log_reason="access denied: the credentials may not invoke this function", log_detail=detail)
+        return json_error(
+            502,
+            f"Lambda denied the invocation ({etype or 'AccessDenied'})",
+            request_id,
+            log_reason="access denied: the credentials may not invoke this function",
+            log_detail=detail,
+        )
     if etype == "ResourceNotFoundException" or status == 404:
-        return json_error(502, "Lambda function not found", request_id,
-                          log_reason="function not found", log_detail=detail)
+        return json_error(
+            502, "Lambda function not found", request_id, log_reason="function not found", log_detail=detail
+        )
     if etype == "RequestTooLargeException" or status == 413:
-        return json_error(413, "Request payload too large", request_id,
-                          log_reason="payload over Lambda's limit", log_detail=detail)
+        return json_error(
+            413,
+            "Request payload too large",
+            request_id,
+            log_reason="payload over Lambda's limit",
+            log_detail=detail,
+        )
     if status == 504:
-        return json_error(504, "Endpoint request timed out", request_id,
-                          log_reason="Lambda API timed out", log_detail=detail)
-    return json_error(502, "Bad gateway", request_id,
-                      log_reason=f"Lambda API error {status}", log_detail=detail)
+        return json_error(
+            504,
+            "Endpoint request timed out",
+            request_id,
+            log_reason="Lambda API timed out",
+            log_detail=detail,
+        )
+    return json_error(
+        502, "Bad gateway", request_id, log_reason=f"Lambda API error {status}", log_detail=detail
+    )
 
 
 def _error_body(payload: bytes) -> tuple[str, str]:
@@ -207,13 +252,25 @@ def _error_body(payload: bytes) -> tuple[str, str]:
 def gateway_error(status: int, request_id: str, detail: str) -> HttpResponse:
     """Envoy answered instead of Lambda (no route to it, timeout, reset)."""
     if status == 504:
-        return json_error(504, "Endpoint request timed out", request_id,
-                          log_reason="upstream timeout", log_detail=detail)
+        return json_error(
+            504, "Endpoint request timed out", request_id, log_reason="upstream timeout", log_detail=detail
+        )
     if status == 413:
-        return json_error(413, "Request payload too large", request_id,
-                          log_reason="request too large", log_detail=detail)
+        return json_error(
+            413, "Request payload too large", request_id, log_reason="request too large", log_detail=detail
+        )
     if status == 503:
-        return json_error(503, "Service Unavailable", request_id,
-                          log_reason="Lambda endpoint unreachable", log_detail=detail)
-    return json_error(502 if status >= 500 else status, "Bad gateway", request_id,
-                      log_reason=f"gateway error {status}", log_detail=detail)
+        return json_error(
+            503,
+            "Service Unavailable",
+            request_id,
+            log_reason="Lambda endpoint unreachable",
+            log_detail=detail,
+        )
+    return json_error(
+        502 if status >= 500 else status,
+        "Bad gateway",
+        request_id,
+        log_reason=f"gateway error {status}",
+        log_detail=detail,
+    )

@@ -64,7 +64,10 @@ class DefaultChain:
             try:
                 creds = botocore.session.Session().get_credentials()
                 if creds is None:
-                    self._frozen, self._error = None, "botocore's default credential chain found no credentials"
+                    self._frozen, self._error = (
+                        None,
+                        "botocore's default credential chain found no credentials",
+                    )
                     return
                 self._frozen = creds.get_frozen_credentials()
                 expiry = getattr(creds, "_expiry_time", None)

@@ -165,10 +165,14 @@ class Processor:
             return self._immediate(json_error(404, "Not Found", self.request_id))
         self.target = self.server.routes.get(route_name)
         if self.target is None:
-            log.error("request %s: route %r has no Lambda target (config changing?); refusing it",
-                      self.request_id, route_name)
-            return self._immediate(json_error(502, "No Lambda function is configured for this route",
-                                              self.request_id))
+            log.error(
+                "request %s: route %r has no Lambda target (config changing?); refusing it",
+                self.request_id,
+                route_name,
+            )
+            return self._immediate(
+                json_error(502, "No Lambda function is configured for this route", self.request_id)
+            )
         if req.request_headers.end_of_stream:
             return self._invoke(b"", phase="headers")
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=CONTINUE))
@@ -181,18 +185,34 @@ class Processor:
     def _invoke(self, body: bytes, phase: str) -> pb.ProcessingResponse:
         assert self.target is not None
         t = self.target.target
-        http = HttpRequest(self.method, self.path, self.headers, body, self.source_ip, self.protocol,
-                           self.request_id, self.authority)
+        http = HttpRequest(
+            self.method,
+            self.path,
+            self.headers,
+            body,
+            self.source_ip,
+            self.protocol,
+            self.request_id,
+            self.authority,
+        )
         event = build_v1_event(http, self.target.route)
         payload = json.dumps(event, separators=(",", ":")).encode()
         try:
             creds = self.target.credentials or self.server.default_chain.current()
         except CredentialsUnavailable as err:
             log.error("request %s: route %s: no AWS credentials: %s", self.request_id, t.route_name, err)
-            return self._immediate(json_error(502, "The gateway has no AWS credentials for this function",
-                                              self.request_id))
-        signed = sign_invoke(creds, t.region, self.target.scheme, t.authority, t.invoke_path, payload,
-                             {"content-type": "application/json"})
+            return self._immediate(
+                json_error(502, "The gateway has no AWS credentials for this function", self.request_id)
+            )
+        signed = sign_invoke(
+            creds,
+            t.region,
+            self.target.scheme,
+            t.authority,
+            t.invoke_path,
+            payload,
+            {"content-type": "application/json"},
+        )
         mutation = pb.HeaderMutation(
             set_headers=[
                 _header(":method", "POST"),
@@ -224,7 +244,9 @@ class Processor:
         self.resp_headers = headers
         if req.response_headers.end_of_stream:
             out = self._answer(b"")
-            return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=self._rewrite(out, True)))
+            return pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(response=self._rewrite(out, True))
+            )
         return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=CONTINUE))
 
     def on_response_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -244,18 +266,30 @@ class Processor:
                 try:
                     out = unwrap_proxy_response(payload)
                 except MalformedResponse as err:
-                    out = json_error(502, "Internal server error", rid,
-                                     log_reason="malformed Lambda proxy response", log_detail=str(err))
+                    out = json_error(
+                        502,
+                        "Internal server error",
+                        rid,
+                        log_reason="malformed Lambda proxy response",
+                        log_detail=str(err),
+                    )
         elif status in (202, 204) and lambda_rid:
             out = HttpResponse(status)
         elif lambda_rid or "x-amzn-errortype" in headers:
-            out = invoke_api_error(status, headers.get("x-amzn-errortype", ""), payload, rid,
-                                   headers.get("retry-after"))
+            out = invoke_api_error(
+                status, headers.get("x-amzn-errortype", ""), payload, rid, headers.get("retry-after")
+            )
         else:
             out = gateway_error(status, rid, payload[:200].decode("utf-8", "replace"))
         if out.log_reason:
-            log.error("request %s: %s: %s: %s (lambda request %s)", rid, where, out.log_reason,
-                      out.log_detail or "", lambda_rid or "-")
+            log.error(
+                "request %s: %s: %s: %s (lambda request %s)",
+                rid,
+                where,
+                out.log_reason,
+                out.log_detail or "",
+                lambda_rid or "-",
+            )
         return out
 
     def _rewrite(self, out: HttpResponse, replace_body: bool) -> pb.CommonResponse:

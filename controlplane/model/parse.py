@@ -126,7 +126,9 @@ def _parse_secret(doc: dict[str, Any], name: str, namespace: str) -> Secret:
     values = {k: v.strip() for k, v in values.items()}
     creds = None
     if values.get("access_key") and values.get("secret_key"):
-        creds = AwsCredentials(values["access_key"], values["secret_key"], values.get("session_token") or None)
+        creds = AwsCredentials(
+            values["access_key"], values["secret_key"], values.get("session_token") or None
+        )
     # A Secret without AWS keys is legal (it may be someone else's); Upstreams that reference it are rejected.
     return Secret(name, namespace, creds, tuple(sorted(values)))
 
@@ -166,7 +168,9 @@ def _parse_endpoint(raw: Any) -> Endpoint | str | None:
         return LOCAL_ENDPOINT
     if "@" in value.split("?", 1)[0].split("#", 1)[0]:
         # Never echo such a URL: its user-info may be a credential.
-        raise ConfigError("must not carry credentials (user:password@); use secret_ref", field="spec.endpoint")
+        raise ConfigError(
+            "must not carry credentials (user:password@); use secret_ref", field="spec.endpoint"
+        )
     bad = ConfigError(
         f"{value!r} is not a URL such as https://lambda.us-east-1.amazonaws.com or http://127.0.0.1:9001",
         field="spec.endpoint",
@@ -180,7 +184,8 @@ def _parse_endpoint(raw: Any) -> Endpoint | str | None:
         raise bad
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(
-            f"{value!r} must be scheme://host[:port] with no path, query or credentials", field="spec.endpoint"
+            f"{value!r} must be scheme://host[:port] with no path, query or credentials",
+            field="spec.endpoint",
         )
     return Endpoint(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
 
@@ -202,9 +207,7 @@ def _parse_function(raw: Any, path: str) -> Function:
         )
     qualifier = _str(spec.get("qualifier"), f"{path}.spec.qualifier") or None
     if qualifier is not None and not QUALIFIER_RE.match(qualifier):
-        raise ConfigError(
-            f"{qualifier!r} is not a version, alias or $LATEST", field=f"{path}.spec.qualifier"
-        )
+        raise ConfigError(f"{qualifier!r} is not a version, alias or $LATEST", field=f"{path}.spec.qualifier")
     base, embedded = split_function_name(function_name)
     if embedded is not None:
         if qualifier is not None and qualifier != embedded:
@@ -219,7 +222,9 @@ def _parse_function(raw: Any, path: str) -> Function:
 VS_FIELDS = ("domains", "routes", "stage")
 
 
-def _parse_virtual_service(spec: dict[str, Any], name: str, namespace: str, generation: int) -> VirtualService:
+def _parse_virtual_service(
+    spec: dict[str, Any], name: str, namespace: str, generation: int
+) -> VirtualService:
     _no_unknown(spec, VS_FIELDS, "spec")
     raw_domains = spec.get("domains", ["*"])
     if not isinstance(raw_domains, list) or not raw_domains:
@@ -272,7 +277,7 @@ def _parse_matcher(raw: Any, path: str) -> Matcher:
     value = _str(m[kind], f"{path}.{kind}", required=True)
     if kind != "regex" and not value.startswith("/"):
         raise ConfigError(f"{value!r} must start with '/'", field=f"{path}.{kind}")
-    if kind != "regex" and any(c in value for c in "?#") :
+    if kind != "regex" and any(c in value for c in "?#"):
         raise ConfigError(f"{value!r} must not contain a query or fragment", field=f"{path}.{kind}")
     template_regex: str | None = None
     params: tuple[str, ...] = ()
@@ -298,7 +303,9 @@ def _parse_matcher(raw: Any, path: str) -> Matcher:
         raise ConfigError("a prefix cannot hold {parameters}; use path", field=f"{path}.prefix")
     raw_methods = m.get("methods") or []
     if not isinstance(raw_methods, list):
-        raise ConfigError(f"must be a list such as [GET, POST], got {_typename(raw_methods)}", field=f"{path}.methods")
+        raise ConfigError(
+            f"must be a list such as [GET, POST], got {_typename(raw_methods)}", field=f"{path}.methods"
+        )
     methods: list[str] = []
     for i, meth in enumerate(raw_methods):
         meth = _str(meth, f"{path}.methods[{i}]", required=True).upper()

@@ -63,7 +63,9 @@ def resolve(
             sec = secrets.get(ObjectKey("Secret", up.namespace, up.secret_ref))
             if sec is None:
                 raise ConfigError(
-                    f"Secret {up.namespace}/{up.secret_ref} does not exist", obj=str(up.key), field="spec.secret_ref"
+                    f"Secret {up.namespace}/{up.secret_ref} does not exist",
+                    obj=str(up.key),
+                    field="spec.secret_ref",
                 )
             if sec.credentials is None:
                 raise ConfigError(
@@ -102,7 +104,9 @@ def resolve(
                 if ObjectKey("Upstream", dest.upstream_namespace, dest.upstream) in errors:
                     why = "is rejected"
                 raise ConfigError(
-                    f"Upstream {dest.upstream_namespace}/{dest.upstream} {why}", obj=str(vs.key), field=f"{fpath}.upstream"
+                    f"Upstream {dest.upstream_namespace}/{dest.upstream} {why}",
+                    obj=str(vs.key),
+                    field=f"{fpath}.upstream",
                 )
             if up.function(dest.function) is None:
                 known = ", ".join(f.name for f in up.functions) or "none"
@@ -115,7 +119,9 @@ def resolve(
             owner = claimed_domains.get(domain)
             if owner is not None and owner != vs.key:
                 raise ConfigError(
-                    f"domain {domain!r} is already served by {owner}", obj=str(vs.key), field=f"spec.domains[{i}]"
+                    f"domain {domain!r} is already served by {owner}",
+                    obj=str(vs.key),
+                    field=f"spec.domains[{i}]",
                 )
 
     services: list[VirtualService] = []
@@ -131,7 +137,9 @@ def resolve(
                 claimed_domains.setdefault(domain, chosen.key)
             services.append(chosen)
 
-    used_secrets = {ObjectKey("Secret", u.namespace, u.secret_ref) for u in upstreams.values() if u.secret_ref}
+    used_secrets = {
+        ObjectKey("Secret", u.namespace, u.secret_ref) for u in upstreams.values() if u.secret_ref
+    }
     config = Config(
         upstreams=tuple(upstreams[k] for k in sorted(upstreams)),
         virtual_services=tuple(services),

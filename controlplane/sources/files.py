@@ -89,7 +89,9 @@ class FileSource:
                 try:
                     obj = parse_document(doc)
                 except ConfigError as perr:
-                    parse_errors.append(perr.with_context(source=where, obj=str(doc_key) if doc_key else None))
+                    parse_errors.append(
+                        perr.with_context(source=where, obj=str(doc_key) if doc_key else None)
+                    )
                     if doc_key is not None and doc_key in self._last_good and doc_key not in objects:
                         objects[doc_key] = self._last_good[doc_key]
                     continue
@@ -99,7 +101,11 @@ class FileSource:
                 if obj.key in objects and (objects[obj.key][1] != path or obj.key in defined):
                     other = objects[obj.key][1].relative_to(self.config_dir)
                     parse_errors.append(
-                        ConfigError(f"also defined in {other}; the first definition wins", source=where, obj=str(obj.key))
+                        ConfigError(
+                            f"also defined in {other}; the first definition wins",
+                            source=where,
+                            obj=str(obj.key),
+                        )
                     )
                     continue
                 objects[obj.key] = (obj, path)
@@ -111,8 +117,11 @@ class FileSource:
             if rkey in objects:
                 src = objects[rkey][1].relative_to(self.config_dir)
                 resolved.errors[rkey] = resolved.errors[rkey].with_context(source=str(src))
-        served: list[Resource] = [*resolved.config.upstreams, *resolved.config.virtual_services,
-                                  *resolved.config.secrets]
+        served: list[Resource] = [
+            *resolved.config.upstreams,
+            *resolved.config.virtual_services,
+            *resolved.config.secrets,
+        ]
         accepted = {o.key for o in served}
         # Secrets are not in Config unless used; remember every parsed one as good.
         last_good: dict[ObjectKey, tuple[Resource, Path]] = {}

@@ -142,7 +142,9 @@ def lambda_cluster(ep: Endpoint, options: TranslateOptions) -> cluster_pb2.Clust
                 endpoint_components_pb2.LocalityLbEndpoints(
                     lb_endpoints=[
                         endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(ep.host, ep.port))
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=_socket_address(ep.host, ep.port)
+                            )
                         )
                     ]
                 )
@@ -195,9 +197,9 @@ def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
             ],
         ),
     )
-    cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(
-        _any(h2)
-    )
+    cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].CopyFrom(_any(h2))
     return cluster
 
 
@@ -352,7 +354,9 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 )
             )
         vhosts.append(
-            route_components_pb2.VirtualHost(name=f"{vs.namespace}/{vs.name}", domains=list(vs.domains), routes=routes)
+            route_components_pb2.VirtualHost(
+                name=f"{vs.namespace}/{vs.name}", domains=list(vs.domains), routes=routes
+            )
         )
     route_config = route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
     return Translation(

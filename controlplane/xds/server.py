@@ -175,7 +175,9 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             serialized = snapshot.serialized[type_url]
             wildcard = not st.names or "*" in st.names
             names = sorted(serialized) if wildcard else sorted(n for n in st.names if n in serialized)
-            resp = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=self._next_nonce())
+            resp = discovery_pb2.DiscoveryResponse(
+                version_info=version, type_url=type_url, nonce=self._next_nonce()
+            )
             for name in names:
                 resp.resources.append(any_pb2.Any(type_url=type_url, value=serialized[name]))
             st.sent_version = version

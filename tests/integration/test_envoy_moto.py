@@ -51,11 +51,13 @@ def test_signed_invocations_are_accepted_by_moto(moto: MotoServer, tmp_path: Pat
     port = free_port()
     with control_plane(loop_thread, tmp_path, listen_port=port) as cp, Envoy(cp.port) as envoy:
         envoy.wait_listening(port)
-        moto.queue_results([
-            json.dumps({"statusCode": 201, "headers": {"x-from": "moto"}, "body": "created"}),
-            json.dumps({"statusCode": 200, "body": "via arn"}),
-            json.dumps({"statusCode": 200, "body": "get"}),
-        ])
+        moto.queue_results(
+            [
+                json.dumps({"statusCode": 201, "headers": {"x-from": "moto"}, "body": "created"}),
+                json.dumps({"statusCode": 200, "body": "via arn"}),
+                json.dumps({"statusCode": 200, "body": "get"}),
+            ]
+        )
         r = http("POST", f"http://127.0.0.1:{port}/things", b'{"a": 1}', {"content-type": "application/json"})
         assert (r.status, r.body, r.header("x-from")) == (201, b"created", "moto")
         r = http("POST", f"http://127.0.0.1:{port}/arn/x", b"binary\x00\xff", {"content-type": "image/png"})
@@ -76,5 +78,8 @@ def test_wrong_secret_key_is_a_clear_signature_error(moto: MotoServer, tmp_path:
         # The same folder, corrected, recovers without a restart.
         write_config(tmp_path, moto, moto.secret_key)
         moto.queue_results([json.dumps({"statusCode": 200, "body": "ok now"})] * 5)
-        wait_until(lambda: http("GET", f"http://127.0.0.1:{port}/things").body == b"ok now", 10,
-                   what="rotated secret to take effect")
+        wait_until(
+            lambda: http("GET", f"http://127.0.0.1:{port}/things").body == b"ok now",
+            10,
+            what="rotated secret to take effect",
+        )

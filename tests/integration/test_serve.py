@@ -24,16 +24,37 @@ def test_serve_with_external_envoy_and_local_lambda(tmp_path: Path, loop_thread)
     lport = loop_thread.run(local.start())
     grpc_port, port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "serve", "--config-dir", str(config),
-         "--grpc-address", f"127.0.0.1:{grpc_port}", "--listen-address", "127.0.0.1", "--listen-port", str(port),
-         "--local-lambda-url", f"http://127.0.0.1:{lport}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "serve",
+            "--config-dir",
+            str(config),
+            "--grpc-address",
+            f"127.0.0.1:{grpc_port}",
+            "--listen-address",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+            "--local-lambda-url",
+            f"http://127.0.0.1:{lport}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         health = health_pb2_grpc.HealthStub(channel)
-        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                   == health_pb2.HealthCheckResponse.SERVING, 20, what="serve to report SERVING")
+        wait_until(
+            lambda: (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ),
+            20,
+            what="serve to report SERVING",
+        )
         channel.close()
         with Envoy(grpc_port) as envoy:
             envoy.wait_listening(port)

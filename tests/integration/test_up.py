@@ -58,13 +58,27 @@ def petstore(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Pat
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "up", "--config-dir", str(config), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "controlplane.cli",
+                "up",
+                "--config-dir",
+                str(config),
+                "--port",
+                str(port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     try:
         try:
-            wait_until(lambda: proc.poll() is None and http("GET", f"http://127.0.0.1:{port}/pets").status == 200,
-                       60, what="lambdagate up to serve /pets")
+            wait_until(
+                lambda: proc.poll() is None and http("GET", f"http://127.0.0.1:{port}/pets").status == 200,
+                60,
+                what="lambdagate up to serve /pets",
+            )
         except AssertionError as err:
             raise AssertionError(f"{err}\n{log_path.read_text()[-3000:]}") from None
         yield proc, port, config, log_path
@@ -85,8 +99,12 @@ def test_petstore_routes_live_edit_and_clean_stop(petstore) -> None:
 
     listing = http("GET", base + "/pets")
     assert listing.status == 200 and [p["name"] for p in listing.json()] == ["Rex", "Tom"]
-    created = http("POST", base + "/pets", json.dumps({"name": "Nemo", "tag": "fish"}).encode(),
-                   {"content-type": "application/json"})
+    created = http(
+        "POST",
+        base + "/pets",
+        json.dumps({"name": "Nemo", "tag": "fish"}).encode(),
+        {"content-type": "application/json"},
+    )
     assert created.status == 201 and created.json()["name"] == "Nemo"
     pet_id = created.json()["id"]
     got = http("GET", f"{base}/pets/{pet_id}")
@@ -99,8 +117,11 @@ def test_petstore_routes_live_edit_and_clean_stop(petstore) -> None:
     # Editing the VirtualService re-routes without a restart: GET /pets now goes to get-pet... via a new path.
     vs_file = config / "petstore.yaml"
     original = vs_file.read_text()
-    vs_file.write_text(original.replace("- matcher: {path: /pets, methods: [GET]}",
-                                        "- matcher: {path: /animals, methods: [GET]}"))
+    vs_file.write_text(
+        original.replace(
+            "- matcher: {path: /pets, methods: [GET]}", "- matcher: {path: /animals, methods: [GET]}"
+        )
+    )
     wait_until(lambda: http("GET", base + "/animals").status == 200, 5, what="new route /animals")
     assert http("GET", base + "/pets").status == 404
 

@@ -57,10 +57,18 @@ class FakeEnvoy:
                 return
             yield req
 
-    def send(self, type_url: str, *, version: str = "", nonce: str = "", names: list[str] | None = None,
-             error: str | None = None) -> None:
-        req = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=version, response_nonce=nonce,
-                                             resource_names=names or [])
+    def send(
+        self,
+        type_url: str,
+        *,
+        version: str = "",
+        nonce: str = "",
+        names: list[str] | None = None,
+        error: str | None = None,
+    ) -> None:
+        req = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, version_info=version, response_nonce=nonce, resource_names=names or []
+        )
         if self.first:
             req.node.id = self.node_id
             self.first = False

@@ -43,14 +43,18 @@ spec:
 
 def headers(pairs: list[tuple[str, str]], eos: bool) -> pb.HttpHeaders:
     return pb.HttpHeaders(
-        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]),
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]
+        ),
         end_of_stream=eos,
     )
 
 
 def attrs(route_name: str) -> dict[str, struct_pb2.Struct]:
     s = struct_pb2.Struct()
-    s.update({"xds.route_name": route_name, "source.address": "203.0.113.7:5555", "request.protocol": "HTTP/2"})
+    s.update(
+        {"xds.route_name": route_name, "source.address": "203.0.113.7:5555", "request.protocol": "HTTP/2"}
+    )
     return {"envoy.filters.http.ext_proc": s}
 
 
@@ -58,15 +62,32 @@ def mutated(mutation: pb.HeaderMutation) -> dict[str, str]:
     return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}
 
 
-def sigv4(secret: str, date: str, region: str, method: str, path: str, query: str,
-          hdrs: dict[str, str], signed: list[str], body: bytes) -> str:
+def sigv4(
+    secret: str,
+    date: str,
+    region: str,
+    method: str,
+    path: str,
+    query: str,
+    hdrs: dict[str, str],
+    signed: list[str],
+    body: bytes,
+) -> str:
     """SigV4 recomputed by hand, independently of botocore."""
     canonical_headers = "".join(f"{h}:{hdrs[h].strip()}\n" for h in signed)
     # Non-S3 services sign the path URI-encoded once more.
     from urllib.parse import quote
 
-    canonical = "\n".join([method, quote(path, safe="/~"), query, canonical_headers, ";".join(signed),
-                           hashlib.sha256(body).hexdigest()])
+    canonical = "\n".join(
+        [
+            method,
+            quote(path, safe="/~"),
+            query,
+            canonical_headers,
+            ";".join(signed),
+            hashlib.sha256(body).hexdigest(),
+        ]
+    )
     scope = f"{date[:8]}/{region}/lambda/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = ("AWS4" + secret).encode()
@@ -91,16 +112,39 @@ def test_get_becomes_signed_invoke_and_response_is_unwrapped(server) -> None:
     (route_name,) = cp.translation.route_table
     reqs = [
         pb.ProcessingRequest(
-            request_headers=headers([(":method", "GET"), (":path", "/pets/42?x=1&x=2"), (":authority", "api.example"),
-                                     (":scheme", "https"), ("cookie", "a=1"), ("x-request-id", "rid-1"),
-                                     ("user-agent", "ua/1")], eos=True),
+            request_headers=headers(
+                [
+                    (":method", "GET"),
+                    (":path", "/pets/42?x=1&x=2"),
+                    (":authority", "api.example"),
+                    (":scheme", "https"),
+                    ("cookie", "a=1"),
+                    ("x-request-id", "rid-1"),
+                    ("user-agent", "ua/1"),
+                ],
+                eos=True,
+            ),
             attributes=attrs(route_name),
         ),
-        pb.ProcessingRequest(response_headers=headers([(":status", "200"), ("x-amzn-requestid", "lam-1"),
-                                                       ("content-type", "application/json")], eos=False)),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=json.dumps({
-            "statusCode": 201, "multiValueHeaders": {"Set-Cookie": ["a=1", "b=2"]},
-            "body": base64.b64encode(b"\x00bin").decode(), "isBase64Encoded": True}).encode(), end_of_stream=True)),
+        pb.ProcessingRequest(
+            response_headers=headers(
+                [(":status", "200"), ("x-amzn-requestid", "lam-1"), ("content-type", "application/json")],
+                eos=False,
+            )
+        ),
+        pb.ProcessingRequest(
+            response_body=pb.HttpBody(
+                body=json.dumps(
+                    {
+                        "statusCode": 201,
+                        "multiValueHeaders": {"Set-Cookie": ["a=1", "b=2"]},
+                        "body": base64.b64encode(b"\x00bin").decode(),
+                        "isBase64Encoded": True,
+                    }
+                ).encode(),
+                end_of_stream=True,
+            )
+        ),
     ]
     out = list(stub.Process(iter(reqs), timeout=5))
     assert len(out) == 3
@@ -131,7 +175,9 @@ def test_get_becomes_signed_invoke_and_response_is_unwrapped(server) -> None:
     assert "Credential=AKIDEXAMPLE/" in auth
 
     resp = out[2].response_body.response
-    rh = [(o.header.key, o.header.raw_value.decode(), o.append.value) for o in resp.header_mutation.set_headers]
+    rh = [
+        (o.header.key, o.header.raw_value.decode(), o.append.value) for o in resp.header_mutation.set_headers
+    ]
     assert (":status", "201", False) in rh
     assert ("set-cookie", "a=1", False) in rh and ("set-cookie", "b=2", True) in rh
     assert ("content-length", "4", False) in rh
@@ -143,9 +189,18 @@ def test_post_body_is_signed_in_the_body_phase(server) -> None:
     cp, stub = server
     (route_name,) = cp.translation.route_table
     reqs = [
-        pb.ProcessingRequest(request_headers=headers([(":method", "POST"), (":path", "/pets/7"),
-                                                      (":authority", "h"), ("content-type", "image/png")], eos=False),
-                             attributes=attrs(route_name)),
+        pb.ProcessingRequest(
+            request_headers=headers(
+                [
+                    (":method", "POST"),
+                    (":path", "/pets/7"),
+                    (":authority", "h"),
+                    ("content-type", "image/png"),
+                ],
+                eos=False,
+            ),
+            attributes=attrs(route_name),
+        ),
         pb.ProcessingRequest(request_body=pb.HttpBody(body=b"\x89PNG\x00", end_of_stream=True)),
     ]
     out = list(stub.Process(iter(reqs), timeout=5))
@@ -160,13 +215,28 @@ def test_function_error_becomes_502_without_details(server) -> None:
     cp, stub = server
     (route_name,) = cp.translation.route_table
     reqs = [
-        pb.ProcessingRequest(request_headers=headers([(":method", "GET"), (":path", "/pets/1")], eos=True),
-                             attributes=attrs(route_name)),
-        pb.ProcessingRequest(response_headers=headers([(":status", "200"), ("x-amzn-requestid", "l"),
-                                                       ("x-amz-function-error", "Unhandled")], eos=False)),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=json.dumps({
-            "errorMessage": "db password is hunter2", "errorType": "KeyError",
-            "stackTrace": ["File x line 1"]}).encode(), end_of_stream=True)),
+        pb.ProcessingRequest(
+            request_headers=headers([(":method", "GET"), (":path", "/pets/1")], eos=True),
+            attributes=attrs(route_name),
+        ),
+        pb.ProcessingRequest(
+            response_headers=headers(
+                [(":status", "200"), ("x-amzn-requestid", "l"), ("x-amz-function-error", "Unhandled")],
+                eos=False,
+            )
+        ),
+        pb.ProcessingRequest(
+            response_body=pb.HttpBody(
+                body=json.dumps(
+                    {
+                        "errorMessage": "db password is hunter2",
+                        "errorType": "KeyError",
+                        "stackTrace": ["File x line 1"],
+                    }
+                ).encode(),
+                end_of_stream=True,
+            )
+        ),
     ]
     out = list(stub.Process(iter(reqs), timeout=5))
     resp = out[2].response_body.response
@@ -176,8 +246,12 @@ def test_function_error_becomes_502_without_details(server) -> None:
 
 def test_unknown_route_fails_closed(server) -> None:
     _, stub = server
-    reqs = [pb.ProcessingRequest(request_headers=headers([(":method", "GET"), (":path", "/x")], eos=True),
-                                 attributes=attrs("default/vs/0/deadbeef00"))]
+    reqs = [
+        pb.ProcessingRequest(
+            request_headers=headers([(":method", "GET"), (":path", "/x")], eos=True),
+            attributes=attrs("default/vs/0/deadbeef00"),
+        )
+    ]
     out = list(stub.Process(iter(reqs), timeout=5))
     assert out[0].WhichOneof("response") == "immediate_response"
     assert out[0].immediate_response.status.code == 502
@@ -187,12 +261,24 @@ def test_throttling_stays_429(server) -> None:
     cp, stub = server
     (route_name,) = cp.translation.route_table
     reqs = [
-        pb.ProcessingRequest(request_headers=headers([(":method", "GET"), (":path", "/pets/1")], eos=True),
-                             attributes=attrs(route_name)),
-        pb.ProcessingRequest(response_headers=headers([(":status", "429"), ("x-amzn-requestid", "l"),
-                                                       ("x-amzn-errortype", "TooManyRequestsException"),
-                                                       ("retry-after", "3")], eos=False)),
-        pb.ProcessingRequest(response_body=pb.HttpBody(body=b'{"message":"Rate exceeded"}', end_of_stream=True)),
+        pb.ProcessingRequest(
+            request_headers=headers([(":method", "GET"), (":path", "/pets/1")], eos=True),
+            attributes=attrs(route_name),
+        ),
+        pb.ProcessingRequest(
+            response_headers=headers(
+                [
+                    (":status", "429"),
+                    ("x-amzn-requestid", "l"),
+                    ("x-amzn-errortype", "TooManyRequestsException"),
+                    ("retry-after", "3"),
+                ],
+                eos=False,
+            )
+        ),
+        pb.ProcessingRequest(
+            response_body=pb.HttpBody(body=b'{"message":"Rate exceeded"}', end_of_stream=True)
+        ),
     ]
     out = list(stub.Process(iter(reqs), timeout=5))
     h = mutated(out[2].response_body.response.header_mutation)

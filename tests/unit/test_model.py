@@ -161,6 +161,7 @@ def test_multi_document_yaml_parses_into_three_objects():
 def test_secret_data_is_base64_decoded_and_stripped():
     def b64(s):
         return base64.b64encode(s.encode()).decode()
+
     sec = parse_document(secret_doc(data={"access_key": b64("AKIDDATA\n"), "secret_key": b64(SECRET_VALUE)}))
     assert sec.credentials.access_key == "AKIDDATA"
     assert sec.credentials.secret_key == SECRET_VALUE

@@ -169,8 +169,10 @@ def test_petstore_shape(petstore: Translation):
     list_pets, create_pet, get_pet, delete_pet = vh.routes
     assert list_pets.match.path == "/pets"
     assert get_pet.match.safe_regex.regex == "^/pets/(?P<petId>[^/]+)$"
+
     def method_regex(r):
         return r.match.headers[0].string_match.safe_regex.regex
+
     assert method_regex(list_pets) == "^(GET|HEAD)$"
     assert method_regex(create_pet) == "^(POST)$"
     assert method_regex(delete_pet) == "^(DELETE)$"
