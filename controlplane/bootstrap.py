@@ -5,20 +5,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import yaml
 
+from controlplane.addresses import is_ip
+
 XDS_CLUSTER = "lambdagate_xds"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def bootstrap_config(
@@ -47,7 +40,7 @@ def bootstrap_config(
             "clusters": [
                 {
                     "name": XDS_CLUSTER,
-                    "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+                    "type": "STATIC" if is_ip(xds_host) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

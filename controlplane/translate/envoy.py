@@ -25,6 +25,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from controlplane.addresses import is_ip
 from controlplane.model import Config, Matcher
 from controlplane.model.resources import LOCAL_ENDPOINT, Endpoint, Upstream
 from controlplane.model.routes import RouteTarget
@@ -118,14 +119,19 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+def _one_endpoint(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=cluster,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(host, port))
+                    )
+                ]
+            )
+        ],
+    )
 
 
 def lambda_cluster(ep: Endpoint, options: TranslateOptions) -> cluster_pb2.Cluster:
@@ -133,23 +139,10 @@ def lambda_cluster(ep: Endpoint, options: TranslateOptions) -> cluster_pb2.Clust
     cluster = cluster_pb2.Cluster(
         name=name,
         connect_timeout=_duration(5),
-        type=cluster_pb2.Cluster.STATIC if _is_ip(ep.host) else cluster_pb2.Cluster.LOGICAL_DNS,
+        type=cluster_pb2.Cluster.STATIC if is_ip(ep.host) else cluster_pb2.Cluster.LOGICAL_DNS,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
         per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=BUFFER_LIMIT_BYTES),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=_socket_address(ep.host, ep.port)
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
+        load_assignment=_one_endpoint(name, ep.host, ep.port),
     )
     if ep.tls:
         tls = tls_pb2.UpstreamTlsContext(
@@ -181,21 +174,8 @@ def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
     cluster = cluster_pb2.Cluster(
         name=EXTPROC_CLUSTER,
         connect_timeout=_duration(1),
-        type=cluster_pb2.Cluster.STATIC if _is_ip(options.extproc_host) else cluster_pb2.Cluster.STRICT_DNS,
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=EXTPROC_CLUSTER,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=_socket_address(options.extproc_host, options.extproc_port)
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
+        type=cluster_pb2.Cluster.STATIC if is_ip(options.extproc_host) else cluster_pb2.Cluster.STRICT_DNS,
+        load_assignment=_one_endpoint(EXTPROC_CLUSTER, options.extproc_host, options.extproc_port),
     )
     cluster.typed_extension_protocol_options[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

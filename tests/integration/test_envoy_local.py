@@ -97,31 +97,44 @@ class Stack:
         self.base, self.cp, self.envoy, self.folder, self.calls = base, cp, envoy, folder, calls
 
 
-@pytest.fixture
-def stack(tmp_path: Path, loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+@contextlib.contextmanager
+def local_lambda(tmp_path: Path, loop_thread: LoopThread, keys: dict[str, str]) -> Iterator[Endpoint]:
+    """Our local Lambda endpoint serving HANDLERS (one function per handler), stopped however the test ends."""
     functions = tmp_path / "functions"
     functions.mkdir()
     for name in ("echo", "binary", "boom", "malformed"):
         (functions / f"{name}.py").write_text(HANDLERS.replace(f"def {name}(", "def handler("))
-    calls = tmp_path / "calls.log"
-    monkeypatch.setenv("LG_CALL_LOG", str(calls))
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "api.yaml").write_text(config())
-    local = LocalLambda(functions, {"AKIDLOCAL": SECRET})
+    local = LocalLambda(functions, keys)
     lport = loop_thread.run(local.start())
-    port = free_port()
     try:
-        with (
-            control_plane(
-                loop_thread, folder, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
-            ) as cp,
-            Envoy(cp.port) as envoy,
-        ):
-            envoy.wait_listening(port)
-            yield Stack(f"http://127.0.0.1:{port}", cp, envoy, folder, calls)
+        yield Endpoint("http", "127.0.0.1", lport)
     finally:
         loop_thread.run(local.stop())
+
+
+@contextlib.contextmanager
+def running_stack(
+    tmp_path: Path, loop_thread: LoopThread, config_text: str, keys: dict[str, str]
+) -> Iterator[Stack]:
+    """Local endpoint, control plane and a real Envoy, with `config_text` as the config folder."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "api.yaml").write_text(config_text)
+    port = free_port()
+    with (
+        local_lambda(tmp_path, loop_thread, keys) as endpoint,
+        control_plane(loop_thread, folder, listen_port=port, local_endpoint=endpoint) as cp,
+        Envoy(cp.port) as envoy,
+    ):
+        envoy.wait_listening(port)
+        yield Stack(f"http://127.0.0.1:{port}", cp, envoy, folder, tmp_path / "calls.log")
+
+
+@pytest.fixture
+def stack(tmp_path: Path, loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    monkeypatch.setenv("LG_CALL_LOG", str(tmp_path / "calls.log"))
+    with running_stack(tmp_path, loop_thread, config(), {"AKIDLOCAL": SECRET}) as st:
+        yield st
 
 
 def test_event_reaches_function_and_response_is_unwrapped(stack: Stack) -> None:
@@ -176,30 +189,13 @@ def test_missing_function_or_version_is_a_clear_502(stack: Stack) -> None:
 def test_default_credential_chain_without_secret_ref(
     tmp_path: Path, loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    functions = tmp_path / "functions"
-    functions.mkdir()
-    (functions / "echo.py").write_text(HANDLERS.replace("def echo(", "def handler("))
-    folder = tmp_path / "config"
-    folder.mkdir()
-    (folder / "api.yaml").write_text(config().split("---", 1)[1].replace("secret_ref: aws", ""))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDFROMENV")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
-    local = LocalLambda(functions, {"AKIDFROMENV": "env-secret"})
-    lport = loop_thread.run(local.start())
-    port = free_port()
-    try:
-        with (
-            control_plane(
-                loop_thread, folder, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
-            ) as cp,
-            Envoy(cp.port) as envoy,
-        ):
-            envoy.wait_listening(port)
-            r = http("GET", f"http://127.0.0.1:{port}/echo/env")
-            assert r.status == 200 and r.json()["path"] == "/echo/env"
-    finally:
-        loop_thread.run(local.stop())
+    no_secret = config().split("---", 1)[1].replace("secret_ref: aws", "")
+    with running_stack(tmp_path, loop_thread, no_secret, {"AKIDFROMENV": "env-secret"}) as st:
+        r = http("GET", st.base + "/echo/env")
+        assert r.status == 200 and r.json()["path"] == "/echo/env"
 
 
 def test_wrong_key_is_signature_error_and_rotation_recovers(stack: Stack) -> None:
@@ -223,14 +219,12 @@ def test_adding_and_deleting_files_reaches_envoy(stack: Stack) -> None:
           routes: [{matcher: {prefix: /extra}, destination: {upstream: local, function: echo}}]
     """)
     )
-    start = time.monotonic()
+    # The goal is 2 s (benchmarks/reload.py measures it); the wait here has slack for a loaded machine.
     wait_until(
         lambda: http("GET", stack.base + "/extra", headers={"Host": "extra.example"}).status == 200,
         10,
         what="the new VirtualService",
     )
-    # The issue's bound is 2 s; this is a functional check with slack for a loaded machine, not a benchmark.
-    assert time.monotonic() - start < 10
     (stack.folder / "extra.yaml").unlink()
     wait_until(
         lambda: http("GET", stack.base + "/extra", headers={"Host": "extra.example"}).status == 404,
@@ -247,36 +241,29 @@ def test_secrets_never_reach_envoy_config_dump(stack: Stack) -> None:
 def test_fail_closed_when_extproc_is_gone(
     tmp_path: Path, loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    functions = tmp_path / "functions"
-    functions.mkdir()
-    (functions / "echo.py").write_text(HANDLERS.replace("def echo(", "def handler("))
     calls = tmp_path / "calls.log"
     monkeypatch.setenv("LG_CALL_LOG", str(calls))
     folder = tmp_path / "config"
     folder.mkdir()
     (folder / "api.yaml").write_text(config())
-    local = LocalLambda(functions, {"AKIDLOCAL": SECRET})
-    lport = loop_thread.run(local.start())
     port = free_port()
-    try:
-        with contextlib.ExitStack() as outer:
-            cp_ctx = control_plane(
-                loop_thread, folder, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
-            )
-            cp = cp_ctx.__enter__()
-            try:
-                envoy = outer.enter_context(Envoy(cp.port))
-                envoy.wait_listening(port)
-                assert http("GET", f"http://127.0.0.1:{port}/echo/1").status == 200
-                assert calls.read_text().splitlines() == ["/echo/1"]
-            finally:
-                cp_ctx.__exit__(None, None, None)
-            # The control plane (xDS and ext_proc) is gone; Envoy keeps its config but must not forward.
-            r = http("GET", f"http://127.0.0.1:{port}/echo/2")
-            assert r.status >= 500
-            assert calls.read_text().splitlines() == ["/echo/1"], "nothing reached Lambda without ext_proc"
-    finally:
-        loop_thread.run(local.stop())
+    with (
+        local_lambda(tmp_path, loop_thread, {"AKIDLOCAL": SECRET}) as endpoint,
+        contextlib.ExitStack() as outer,
+    ):
+        cp_ctx = control_plane(loop_thread, folder, listen_port=port, local_endpoint=endpoint)
+        cp = cp_ctx.__enter__()
+        try:
+            envoy = outer.enter_context(Envoy(cp.port))
+            envoy.wait_listening(port)
+            assert http("GET", f"http://127.0.0.1:{port}/echo/1").status == 200
+            assert calls.read_text().splitlines() == ["/echo/1"]
+        finally:
+            cp_ctx.__exit__(None, None, None)
+        # The control plane (xDS and ext_proc) is gone; Envoy keeps its config but must not forward.
+        r = http("GET", f"http://127.0.0.1:{port}/echo/2")
+        assert r.status >= 500
+        assert calls.read_text().splitlines() == ["/echo/1"], "nothing reached Lambda without ext_proc"
 
 
 class _Recorder(http_server.BaseHTTPRequestHandler):

@@ -211,33 +211,32 @@ def test_post_body_is_signed_in_the_body_phase(server) -> None:
     assert "authorization" in mutated(common.header_mutation)
 
 
-def test_function_error_becomes_502_without_details(server) -> None:
-    cp, stub = server
-    (route_name,) = cp.translation.route_table
-    reqs = [
+def lambda_exchange(route_name: str, status: str, lambda_headers: list[tuple[str, str]], body: bytes):
+    """A GET, then Lambda's answer: the three messages Envoy sends for a request without a body."""
+    return [
         pb.ProcessingRequest(
             request_headers=headers([(":method", "GET"), (":path", "/pets/1")], eos=True),
             attributes=attrs(route_name),
         ),
-        pb.ProcessingRequest(
-            response_headers=headers(
-                [(":status", "200"), ("x-amzn-requestid", "l"), ("x-amz-function-error", "Unhandled")],
-                eos=False,
-            )
-        ),
-        pb.ProcessingRequest(
-            response_body=pb.HttpBody(
-                body=json.dumps(
-                    {
-                        "errorMessage": "db password is hunter2",
-                        "errorType": "KeyError",
-                        "stackTrace": ["File x line 1"],
-                    }
-                ).encode(),
-                end_of_stream=True,
-            )
-        ),
+        pb.ProcessingRequest(response_headers=headers([(":status", status), *lambda_headers], eos=False)),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=True)),
     ]
+
+
+def test_function_error_becomes_502_without_details(server) -> None:
+    cp, stub = server
+    (route_name,) = cp.translation.route_table
+    error = {
+        "errorMessage": "db password is hunter2",
+        "errorType": "KeyError",
+        "stackTrace": ["File x line 1"],
+    }
+    reqs = lambda_exchange(
+        route_name,
+        "200",
+        [("x-amzn-requestid", "l"), ("x-amz-function-error", "Unhandled")],
+        json.dumps(error).encode(),
+    )
     out = list(stub.Process(iter(reqs), timeout=5))
     resp = out[2].response_body.response
     assert mutated(resp.header_mutation)[":status"] == "502"
@@ -260,26 +259,12 @@ def test_unknown_route_fails_closed(server) -> None:
 def test_throttling_stays_429(server) -> None:
     cp, stub = server
     (route_name,) = cp.translation.route_table
-    reqs = [
-        pb.ProcessingRequest(
-            request_headers=headers([(":method", "GET"), (":path", "/pets/1")], eos=True),
-            attributes=attrs(route_name),
-        ),
-        pb.ProcessingRequest(
-            response_headers=headers(
-                [
-                    (":status", "429"),
-                    ("x-amzn-requestid", "l"),
-                    ("x-amzn-errortype", "TooManyRequestsException"),
-                    ("retry-after", "3"),
-                ],
-                eos=False,
-            )
-        ),
-        pb.ProcessingRequest(
-            response_body=pb.HttpBody(body=b'{"message":"Rate exceeded"}', end_of_stream=True)
-        ),
-    ]
+    reqs = lambda_exchange(
+        route_name,
+        "429",
+        [("x-amzn-requestid", "l"), ("x-amzn-errortype", "TooManyRequestsException"), ("retry-after", "3")],
+        b'{"message":"Rate exceeded"}',
+    )
     out = list(stub.Process(iter(reqs), timeout=5))
     h = mutated(out[2].response_body.response.header_mutation)
     assert h[":status"] == "429" and h["retry-after"] == "3"
