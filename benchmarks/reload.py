@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (the sibling script's process helpers)
+
 from controlplane.bootstrap import bootstrap_yaml  # noqa: E402
 
 
@@ -40,9 +41,22 @@ def main(argv: list[str] | None = None) -> int:
             port, admin, grpc_port = bench.free_port(), bench.free_port(), bench.free_port()
             cp = procs.start(
                 "lambdagate-serve",
-                [sys.executable, "-m", "controlplane.cli", "--log-level", "warning", "serve",
-                 "--config-dir", str(config_dir), "--grpc-address", f"127.0.0.1:{grpc_port}",
-                 "--listen-address", "127.0.0.1", "--listen-port", str(port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "controlplane.cli",
+                    "--log-level",
+                    "warning",
+                    "serve",
+                    "--config-dir",
+                    str(config_dir),
+                    "--grpc-address",
+                    f"127.0.0.1:{grpc_port}",
+                    "--listen-address",
+                    "127.0.0.1",
+                    "--listen-port",
+                    str(port),
+                ],
                 bench.clean_env(),
             )
             envoy = bench.start_envoy(procs, "envoy", bootstrap_yaml(xds_port=grpc_port, admin_port=admin))
@@ -55,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = f"/edit{i}"
                 assert status(base + path) == 200  # the catch-all still serves it
                 # Move the catch-all to /edit{i}/ only: the old path starts answering 404 once Envoy has it.
-                vs.write_text(original.replace('prefix: /\n', f"prefix: {path}/\n"))
+                vs.write_text(original.replace("prefix: /\n", f"prefix: {path}/\n"))
                 start = time.monotonic()
                 while status(base + path) != 404:
                     if time.monotonic() - start > 10:
@@ -67,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for p in reversed(list(procs.procs)):
                 procs.stop(p)
-    print(f"config edit -> Envoy serving it, over {len(times)} edits: "
-          f"p50 {statistics.median(times):.0f} ms, max {max(times):.0f} ms")
+    print(
+        f"config edit -> Envoy serving it, over {len(times)} edits: "
+        f"p50 {statistics.median(times):.0f} ms, max {max(times):.0f} ms"
+    )
     return 0
 
 

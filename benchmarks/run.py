@@ -45,6 +45,7 @@ PATHS: dict[str, str] = {
     "a": "Envoy → endpoint (plain proxy)",
     "b": "Envoy aws_lambda filter (C++ SigV4)",
     "c": "lambdagate (Envoy + ext_proc)",
+    "d": "Envoy + do-nothing Python ext_proc (floor)",
 }
 
 
@@ -309,6 +310,59 @@ def native_lambda_config(port: int, admin_port: int, fast_port: int) -> str:
     return _static(admin_port, [_listener(port, routes, [lambda_filter])], [_fast_cluster(fast_port, True)])
 
 
+def noop_extproc_config(port: int, admin_port: int, fast_port: int, extproc_port: int) -> str:
+    """Path (d): lambdagate's filter settings (four phases, bodies buffered) with a processor that does nothing."""
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "noop_extproc"}},
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "response_header_mode": "SEND",
+                "response_body_mode": "BUFFERED",
+            },
+        },
+    }
+    routes = [
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "fast_lambda"},
+            "request_headers_to_add": [{"header": {"key": PLAIN_MARK, "value": "1"}}],
+        }
+    ]
+    extproc_cluster = {
+        "name": "noop_extproc",
+        "type": "STATIC",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "noop_extproc",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": "127.0.0.1", "port_value": extproc_port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    return _static(
+        admin_port, [_listener(port, routes, [ext_proc])], [_fast_cluster(fast_port), extproc_cluster]
+    )
+
+
 def lambdagate_config_dir(root: Path, fast_port: int) -> Path:
     d = root / "lambdagate-config"
     d.mkdir()
@@ -504,7 +558,7 @@ def verify(key: str, url: str, procs: list[Proc]) -> str:
         raise
     assert reply is not None
     body = reply.body.decode("utf-8", "replace")
-    if key == "a" and body != LAMBDA_BODY:
+    if key in ("a", "d") and body != LAMBDA_BODY:
         raise BenchError(f"path (a) should pass the endpoint's JSON through unchanged, got {body!r}")
     if key == "c" and body != "ok":
         raise BenchError(f"path (c) should answer 'ok', got {reply.status} {body!r}")
@@ -531,6 +585,23 @@ def bench_proxy(procs: Procs, fast_port: int, duration: int, warmup: int) -> Pat
         return measure("a", f"http://127.0.0.1:{port}/", [envoy], duration, warmup)
     finally:
         procs.stop(envoy)
+
+
+def bench_noop(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
+    port, admin, extproc_port = free_port(), free_port(), free_port()
+    noop = procs.start(
+        "noop-extproc",
+        [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(extproc_port)],
+        clean_env(),
+    )
+    envoy = start_envoy(
+        procs, "envoy-d-noop", noop_extproc_config(port, admin, fast_port, extproc_port), clean_env()
+    )
+    try:
+        return measure("d", f"http://127.0.0.1:{port}/", [envoy, noop], duration, warmup)
+    finally:
+        procs.stop(envoy)
+        procs.stop(noop)
 
 
 def bench_native(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
@@ -598,7 +669,9 @@ def _cpu_text(r: WrkResult) -> str:
         "envoy-a-proxy": "Envoy",
         "envoy-b-native": "Envoy",
         "envoy-c-lambdagate": "Envoy",
+        "envoy-d-noop": "Envoy",
         "lambdagate-serve": "lambdagate",
+        "noop-extproc": "do-nothing ext_proc",
     }
     return ", ".join(f"{names.get(k, k)} {v:.0f}%" for k, v in r.cpu.items())
 
@@ -619,7 +692,7 @@ def table(results: dict[str, PathResult]) -> str:
 
 def ratios(results: dict[str, PathResult]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for new, base in (("c", "b"), ("b", "a"), ("c", "a")):
+    for new, base in (("c", "b"), ("b", "a"), ("c", "a"), ("c", "d"), ("d", "a")):
         if new in results and base in results:
             n, b = results[new], results[base]
             out[f"{new}_vs_{base}"] = {
@@ -637,6 +710,8 @@ def ratio_lines(rs: dict[str, dict[str, float]]) -> str:
         "c_vs_b": "(c) lambdagate vs (b) native filter",
         "b_vs_a": "(b) native filter vs (a) plain proxy",
         "c_vs_a": "(c) lambdagate vs (a) plain proxy",
+        "c_vs_d": "(c) lambdagate vs (d) do-nothing Python ext_proc: lambdagate's own work",
+        "d_vs_a": "(d) do-nothing Python ext_proc vs (a) plain proxy: gRPC in Python alone",
     }
     return "\n".join(
         f"- {words[k]}: {v['added_p50_ms']:+.3f} ms at p50 ({v['added_p99_ms']:+.3f} ms at p99), "
@@ -698,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup", type=int, default=None, help="seconds of warm-up per path (default 3, quick 1)"
     )
-    p.add_argument("--paths", default="abc", help="which paths to run, e.g. 'bc' (default abc)")
+    p.add_argument("--paths", default="abcd", help="which paths to run, e.g. 'bc' (default abcd)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder of configs and logs")
     args = p.parse_args(argv)
@@ -707,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     duration = 3 if args.quick else args.duration
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    keys = [k for k in "abc" if k in args.paths]
+    keys = [k for k in "abcd" if k in args.paths]
     signal.signal(signal.SIGTERM, _raise_on_term)
 
     info = machine()
@@ -734,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403,
                 [fast],
             )
-            runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate}
+            runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate, "d": bench_noop}
             for key in keys:
                 results[key] = runners[key](procs, fast_port, duration, warmup)
         except BenchError as err:
