@@ -59,7 +59,7 @@ def object_key(doc: Any) -> ObjectKey | None:
 
 
 def parse_document(doc: Any, *, default_namespace: str = DEFAULT_NAMESPACE) -> Resource | None:
-    """Parse one document. Returns None for kinds lambdagate does not own (e.g. a ConfigMap beside ours)."""
+    """Parse one document into a model object; anything else (an unknown kind included) is a ConfigError."""
     if not isinstance(doc, dict):
         raise ConfigError(f"a document must be a mapping, got {_typename(doc)}")
     kind = doc.get("kind")
