@@ -338,3 +338,12 @@ def test_only_the_signed_invoke_request_reaches_lambda(tmp_path: Path, loop_thre
     assert event["headers"]["authorization"] == "Bearer client-token" and event["body"] == "hello"
     # The signature covers the host and the exact bytes that arrived.
     SigV4Verifier({"AKIDLOCAL": SECRET}).verify("POST", path, headers, body)
+
+
+def test_unreachable_lambda_endpoint_is_a_json_503(tmp_path: Path, loop_thread: LoopThread) -> None:
+    closed = free_port()  # nothing listens here
+    text = config().replace("endpoint: local", f"endpoint: http://127.0.0.1:{closed}")
+    with running_stack(tmp_path, loop_thread, text, {"AKIDLOCAL": SECRET}) as st:
+        r = http("GET", st.base + "/echo")
+        assert r.status == 503
+        assert r.json()["message"] == "Service Unavailable" and r.json()["requestId"]
