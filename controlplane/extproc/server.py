@@ -6,13 +6,14 @@ answer becomes the HTTP response. Anything that cannot be done correctly ends th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from botocore.credentials import ReadOnlyCredentials
@@ -38,6 +39,8 @@ from controlplane.model.routes import RouteTarget
 log = logging.getLogger("lambdagate.extproc")
 
 FILTER_NAME = "envoy.filters.http.ext_proc"
+# Bodies above this are processed in a worker thread (measured: a 6 MB body costs ~60 ms of CPU).
+LARGE_BODY = 256 * 1024
 # Response headers Envoy or the client should keep from Lambda's answer; everything else is Lambda's own.
 KEPT_RESPONSE_HEADERS = frozenset({"date"})
 _TRUE = wrappers_pb2.BoolValue(value=True)
@@ -51,18 +54,24 @@ class CompiledTarget:
     target: RouteTarget
     route: RouteInfo
     scheme: str
-    credentials: ReadOnlyCredentials | None
+    # botocore's ReadOnlyCredentials is a namedtuple whose repr shows the secret.
+    credentials: ReadOnlyCredentials | None = field(repr=False)
 
 
 class RouteTable:
-    """The routes ext_proc serves. Swapped whole on each config; the previous generation stays resolvable
-    so that a request Envoy routed with a config it still holds is never orphaned."""
+    """The routes ext_proc serves, one generation per route-configuration version.
+
+    A generation stays resolvable while some Envoy still holds (or is being sent) that version: after a NACK,
+    or with a slow Envoy, requests keep arriving with route names of an older configuration.
+    """
 
     def __init__(self) -> None:
-        self._current: dict[str, CompiledTarget] = {}
-        self._previous: dict[str, CompiledTarget] = {}
+        self._generations: dict[str, dict[str, CompiledTarget]] = {}
+        self._current = ""
+        self._in_use: set[str] = set()
+        self._merged: dict[str, CompiledTarget] = {}
 
-    def update(self, targets: Mapping[str, RouteTarget]) -> None:
+    def update(self, targets: Mapping[str, RouteTarget], version: str) -> None:
         compiled: dict[str, CompiledTarget] = {}
         for name, t in targets.items():
             m = t.matcher
@@ -74,13 +83,35 @@ class RouteTable:
             route = RouteInfo(t.resource, t.stage, regex, m.value if m.kind == "prefix" else None)
             creds = frozen(t.credentials) if t.credentials else None
             compiled[name] = CompiledTarget(t, route, t.scheme, creds)
-        self._previous, self._current = self._current, compiled
+        self._generations[version] = compiled
+        self._current = version
+        self._rebuild()
+
+    def retain(self, in_use: set[str]) -> None:
+        """Forget generations no connected Envoy can still route with."""
+        self._in_use = set(in_use)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        keep = self._in_use | {self._current}
+        self._generations = {v: g for v, g in self._generations.items() if v in keep}
+        merged: dict[str, CompiledTarget] = {}
+        for version, generation in self._generations.items():
+            if version != self._current:
+                merged.update(generation)
+        # Names hash their target, so generations agree on a shared name; the newest credentials win.
+        merged.update(self._generations.get(self._current, {}))
+        self._merged = merged
+
+    @property
+    def generations(self) -> int:
+        return len(self._generations)
 
     def get(self, name: str) -> CompiledTarget | None:
-        return self._current.get(name) or self._previous.get(name)
+        return self._merged.get(name)
 
     def __len__(self) -> int:
-        return len(self._current)
+        return len(self._generations.get(self._current, {}))
 
 
 def _header(key: str, value: str | bytes, append: bool = False) -> base_pb2.HeaderValueOption:
@@ -218,10 +249,13 @@ class Processor:
                 _header(":method", "POST"),
                 _header(":path", t.invoke_path),
                 _header(":authority", t.authority),
+                # Honoured in the body phase (BUFFERED with headers SENT); for a request that had no body,
+                # Envoy drops it and sends the event chunked.
+                _header("content-length", str(len(payload))),
                 *(_header(k, v) for k, v in signed.items()),
             ],
             # Client headers and cookies travel inside the event, never to the Invoke API.
-            remove_headers=sorted({k for k, _ in self.headers if k not in signed}),
+            remove_headers=sorted({k for k, _ in self.headers if k not in signed and k != "content-length"}),
         )
         common = pb.CommonResponse(header_mutation=mutation, body_mutation=pb.BodyMutation(body=payload))
         if phase == "headers":
@@ -293,16 +327,17 @@ class Processor:
         return out
 
     def _rewrite(self, out: HttpResponse, replace_body: bool) -> pb.CommonResponse:
-        set_headers = [
-            _header(":status", str(out.status)),
-            _header("content-length", str(len(out.body))),
-            _header("x-amzn-requestid", self.request_id),
-        ]
-        seen: set[str] = set()
+        set_headers = [_header(":status", str(out.status)), _header("x-amzn-requestid", self.request_id)]
+        seen = {"x-amzn-requestid"}
+        if out.status not in (204, 304):
+            # RFC 9110 forbids content-length on 204; on 304 it would describe a body that is not sent.
+            set_headers.append(_header("content-length", str(len(out.body))))
+            seen.add("content-length")
         for key, value in out.headers:
             # The first value of a name replaces; further values of it (Set-Cookie...) are appended.
             set_headers.append(_header(key, value, append=key in seen))
             seen.add(key)
+        # Everything else Lambda's answer carried is Lambda's business, not the client's.
         remove = sorted(k for k in self.resp_headers if k not in KEPT_RESPONSE_HEADERS and k not in seen)
         common = pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
@@ -338,11 +373,18 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
                 if which == "request_headers":
                     yield proc.on_request_headers(req)
                 elif which == "request_body":
-                    yield proc.on_request_body(req)
+                    if len(req.request_body.body) > LARGE_BODY:
+                        # base64, JSON and SHA-256 of megabytes would stall every other stream on this loop.
+                        yield await asyncio.to_thread(proc.on_request_body, req)
+                    else:
+                        yield proc.on_request_body(req)
                 elif which == "response_headers":
                     yield proc.on_response_headers(req)
                 elif which == "response_body":
-                    yield proc.on_response_body(req)
+                    if len(req.response_body.body) > LARGE_BODY:
+                        yield await asyncio.to_thread(proc.on_response_body, req)
+                    else:
+                        yield proc.on_response_body(req)
                 elif which == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif which == "response_trailers":

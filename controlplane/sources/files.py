@@ -160,7 +160,7 @@ class FileSource:
         """Load now, then again on every change to the folder, until `stop` is set."""
         import watchfiles
 
-        await on_change(self.load())
+        await on_change(await asyncio.to_thread(self.load))
         self.config_dir.mkdir(parents=True, exist_ok=True) if not self.config_dir.exists() else None
         async for _changes in watchfiles.awatch(
             self.config_dir,
@@ -168,7 +168,8 @@ class FileSource:
             debounce=debounce_ms,
             step=50,
             recursive=True,
-            watch_filter=lambda _change, p: Path(p).suffix in CONFIG_SUFFIXES,
+            # No suffix filter: a folder moved in or out, or a ConfigMap's `..data` symlink swap, must reload too.
+            watch_filter=None,
         ):
             try:
                 result = await asyncio.to_thread(self.load)

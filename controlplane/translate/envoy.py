@@ -9,9 +9,17 @@ import hashlib
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -22,7 +30,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_p
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.addresses import is_ip
@@ -33,7 +41,7 @@ from controlplane.model.routes import RouteTarget
 LISTENER_NAME = "lambdagate_http"
 ROUTE_CONFIG_NAME = "lambdagate_routes"
 EXTPROC_CLUSTER = "lambdagate_extproc"
-XDS_CLUSTER = "lambdagate_xds"
+EXTPROC_FILTER = "envoy.filters.http.ext_proc"
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -215,7 +223,32 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
             disallow_is_error=wrappers_pb2.BoolValue(value=True),
         ),
     )
-    return hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(ext_proc))
+    # Off by default and switched on by each Lambda route: Envoy's own answers (no route, a redirect, an HTTP/1.0
+    # 426) never go through a processor that would read them as Lambda's, and cost no Python stream.
+    return hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc), disabled=True)
+
+
+def _extproc_enabled() -> dict[str, any_pb2.Any]:
+    per_route = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides())
+    return {EXTPROC_FILTER: _any(route_components_pb2.FilterConfig(config=_any(per_route), disabled=False))}
+
+
+def _no_route_reply() -> hcm_pb2.LocalReplyConfig:
+    """A request no route matches gets the JSON error body every other lambdagate error has."""
+    body = struct_pb2.Struct()
+    body.update({"message": "Not Found", "requestId": "%REQ(X-REQUEST-ID)%"})
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])
+                ),
+                body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+                    json_format=body
+                ),
+            )
+        ]
+    )
 
 
 def listener(options: TranslateOptions) -> listener_pb2.Listener:
@@ -242,6 +275,7 @@ def listener(options: TranslateOptions) -> listener_pb2.Listener:
         # Lambda invocations can be slow; the route timeout, not the stream idle timeout, is what bounds them.
         stream_idle_timeout=_duration(300),
         request_timeout=_duration(0),
+        local_reply_config=_no_route_reply(),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
@@ -331,6 +365,7 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                         cluster=cname,
                         timeout=_duration(options.route_timeout_s),
                     ),
+                    typed_per_filter_config=_extproc_enabled(),
                 )
             )
         vhosts.append(

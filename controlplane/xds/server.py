@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,11 @@ class NodeStatus:
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, on_state: Callable[[], None] | None = None) -> None:
         self.cache = cache
+        # Called whenever what some Envoy holds may have changed (sent, ACKed, NACKed, disconnected).
+        self.on_state = on_state
+        self._streams: dict[int, dict[str, TypeState]] = {}
         self.nodes: dict[str, NodeStatus] = {}
         self._nonce = 0
         self._acked = asyncio.Event()
@@ -72,6 +75,19 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             except asyncio.TimeoutError:
                 return False
 
+    def versions_in_use(self, type_url: str) -> set[str]:
+        """Versions of a type that some connected Envoy holds or is being sent: still routable there."""
+        out: set[str] = set()
+        for states in self._streams.values():
+            st = states.get(type_url)
+            if st is not None:
+                out.update(v for v in (st.acked_version, st.sent_version) if v)
+        return out
+
+    def _state_changed(self) -> None:
+        if self.on_state is not None:
+            self.on_state()
+
     def _note_ack(self) -> None:
         event, self._acked = self._acked, asyncio.Event()
         event.set()
@@ -94,12 +110,16 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
         reader = asyncio.create_task(read())
         serial = -1
+        self._streams[id(states)] = states
         try:
             while True:
                 snapshot = self.cache.snapshot
                 serial = self.cache.serial
                 if snapshot is not None:
-                    for response in self._responses(snapshot, states):
+                    responses = self._responses(snapshot, states)
+                    if responses:
+                        self._state_changed()
+                    for response in responses:
                         yield response
                 get = asyncio.create_task(requests.get())
                 newer = asyncio.create_task(self.cache.wait_newer(serial))
@@ -118,8 +138,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     node.connected = True
                     log.info("Envoy %s connected", node_id)
                 self._handle_request(req, states, node)
+                self._state_changed()
         finally:
             reader.cancel()
+            self._streams.pop(id(states), None)
+            self._state_changed()
             if node is not None:
                 node.connected = False
                 log.info("Envoy %s disconnected", node.node_id)

@@ -6,9 +6,11 @@ secrets kept out of Envoy, and fail-closed behaviour when ext_proc is gone.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server as http_server
 import json
+import socket
 import textwrap
 import threading
 import time
@@ -322,14 +324,22 @@ def test_only_the_signed_invoke_request_reaches_lambda(tmp_path: Path, loop_thre
                 },
             )
             assert r.status == 200 and r.body == b"recorded"
+            assert http("GET", f"http://127.0.0.1:{port}/echo/b").status == 200
     finally:
         server.shutdown()
         server.server_close()
-    ((path, headers, body),) = _Recorder.seen
+    (path, headers, body), (_, get_headers, get_body) = _Recorder.seen
     assert path == "/2015-03-31/functions/echo/invocations"
     names = {k.lower() for k, _ in headers}
-    # Only what the Invoke API needs (and HTTP/1's framing); nothing of the client's.
-    assert names == {"host", "content-type", "x-amz-date", "authorization", "transfer-encoding"}, names
+    # Only what the Invoke API needs, framed with Content-Length; nothing of the client's.
+    assert names == {"host", "content-type", "x-amz-date", "authorization", "content-length"}, names
+    assert dict((k.lower(), v) for k, v in headers)["content-length"] == str(len(body))
+    # A request that had no body gets the event chunked: Envoy drops Content-Length from a headers-phase body.
+    get_names = {k.lower() for k, _ in get_headers}
+    assert get_names == {"host", "content-type", "x-amz-date", "authorization", "transfer-encoding"}, (
+        get_names
+    )
+    assert json.loads(get_body)["httpMethod"] == "GET"
     assert dict((k.lower(), v) for k, v in headers)["authorization"].startswith(
         "AWS4-HMAC-SHA256 Credential=AKIDLOCAL/"
     )
@@ -347,3 +357,56 @@ def test_unreachable_lambda_endpoint_is_a_json_503(tmp_path: Path, loop_thread: 
         r = http("GET", st.base + "/echo")
         assert r.status == 503
         assert r.json()["message"] == "Service Unavailable" and r.json()["requestId"]
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send bytes as they are and read what comes back until the server closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def test_envoys_own_answers_pass_untouched_and_unmatched_is_json_404(stack: Stack) -> None:
+    port = int(stack.base.rsplit(":", 1)[1])
+    r = http("GET", stack.base + "/no/such/route")
+    assert r.status == 404 and r.json()["message"] == "Not Found" and r.json()["requestId"]
+    # HTTP/1.0 is refused by Envoy itself (426); the processor must not turn that into silence or a 502.
+    assert raw_request(port, b"GET /echo HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 426")
+    # An escaped slash is redirected by Envoy with its Location header intact.
+    reply = raw_request(port, b"GET /echo/%2F..%2Fa HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 307") and b"\r\nlocation: " in reply.lower()
+    # A broken request line gets Envoy's 400, not a dropped connection.
+    assert raw_request(port, b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert calls_of(stack) == []
+
+
+def test_hostile_requests_never_break_the_stream(stack: Stack) -> None:
+    cases = [
+        ("GET", "/echo/" + "a" * 4000, None, {}),
+        ("GET", "/echo?" + "&".join(f"k{i}=v{i}" for i in range(500)), None, {}),
+        ("GET", "/echo?bad=%ff%fe&x=%", None, {}),
+        ("POST", "/echo", b"\xff\xfe\x00 not utf-8", {"content-type": "text/plain"}),
+        ("GET", "/echo", b"a body on a GET", {"content-type": "text/plain"}),
+        ("HEAD", "/echo", None, {}),
+        ("OPTIONS", "/echo", None, {}),
+        ("GET", "/echo", None, {"X-Big": "v" * 30000}),
+    ]
+    for method, path, body, headers in cases:
+        r = http(method, stack.base + path, body, headers)
+        assert r.status == 200, (method, path[:40], r.status, r.body[:200])
+        if method != "HEAD":
+            event = r.json()
+            assert event["httpMethod"] == method
+    event = http("POST", stack.base + "/echo", b"\xff\xfe\x00", {"content-type": "text/plain"}).json()
+    assert event["isBase64Encoded"] is True and base64.b64decode(event["body"]) == b"\xff\xfe\x00"
+    assert http("GET", stack.base + "/echo?bad=%ff").json()["queryStringParameters"] == {"bad": "\ufffd"}
+
+
+def calls_of(stack: Stack) -> list[str]:
+    return stack.calls.read_text().splitlines() if stack.calls.exists() else []

@@ -42,7 +42,9 @@ def test_listener_envoy_cannot_bind_is_nacked_once(
         with control_plane(loop_thread, tmp_path, listen_port=port) as cp, Envoy(cp.port, node_id="nacker"):
             node = wait_until(lambda: cp.ads.nodes.get("nacker"), 20, what="Envoy to connect")
             version, detail = wait_until(lambda: node.nacked.get(LISTENER), 20, what="the listener NACK")
-            assert version and ("bind" in detail.lower() or "address already in use" in detail.lower()), detail
+            assert version and ("bind" in detail.lower() or "address already in use" in detail.lower()), (
+                detail
+            )
             rejected = [r for r in caplog.records if "rejected Listener" in r.getMessage()]
             assert rejected and detail in rejected[0].getMessage()
             time.sleep(1.5)

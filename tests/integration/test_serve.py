@@ -20,6 +20,16 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "petstore"
 def test_serve_with_external_envoy_and_local_lambda(tmp_path: Path, loop_thread) -> None:
     config = tmp_path / "petstore"
     shutil.copytree(EXAMPLE, config, ignore=shutil.ignore_patterns("__pycache__", "functions"))
+    # A session token, as role credentials always carry: it must not reach the log even at debug level.
+    store = config / "petstore.yaml"
+    store.write_text(
+        store.read_text().replace(
+            "secret_key: local-petstore-secret-not-for-aws",
+            "secret_key: local-petstore-secret-not-for-aws\n  session_token: TOKEN-must-stay-secret",
+        )
+    )
+    log_path = tmp_path / "serve.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 (the child writes it until it exits)
     local = LocalLambda(EXAMPLE / "functions", {"AKIDLOCALPETSTORE": "local-petstore-secret-not-for-aws"})
     lport = loop_thread.run(local.start())
     grpc_port, port = free_port(), free_port()
@@ -28,6 +38,8 @@ def test_serve_with_external_envoy_and_local_lambda(tmp_path: Path, loop_thread)
             sys.executable,
             "-m",
             "controlplane.cli",
+            "--log-level",
+            "debug",
             "serve",
             "--config-dir",
             str(config),
@@ -40,8 +52,8 @@ def test_serve_with_external_envoy_and_local_lambda(tmp_path: Path, loop_thread)
             "--local-lambda-url",
             f"http://127.0.0.1:{lport}",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
     try:
@@ -62,8 +74,13 @@ def test_serve_with_external_envoy_and_local_lambda(tmp_path: Path, loop_thread)
             assert r.status == 200 and r.json()["name"] == "Rex"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+        log = log_path.read_text()
+        assert "configuration applied" in log and "DEBUG" in log
+        for secret in ("TOKEN-must-stay-secret", "local-petstore-secret-not-for-aws"):
+            assert secret not in log
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         loop_thread.run(local.stop())
+        log_file.close()

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,7 +133,7 @@ def test_petstore_routes_live_edit_and_clean_stop(petstore) -> None:
     assert http("GET", base + "/pets/1").status == 200
     assert http("GET", base + "/animals").status == 200
     vs_file.write_text("kind: [broken yaml")
-    time.sleep(1)
+    wait_until(lambda: "invalid YAML" in log_path.read_text(), 5, what="the broken file to be reported")
     assert http("GET", base + "/pets/1").status == 200
     assert "local-petstore-secret-not-for-aws" not in log_path.read_text()
 

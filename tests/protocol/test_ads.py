@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
-from harness import control_plane
+from harness import control_plane, wait_until
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -174,9 +173,10 @@ def test_stale_nonce_is_ignored(folder: Path, loop_thread) -> None:
         try:
             envoy.send(CDS)
             cds = envoy.recv()
+            serial = cp.cache.serial
             (folder / "c.yaml").write_text(CONFIG.replace("127.0.0.1:9", "127.0.0.1:11"))
             # Not ACKed yet, so the new version waits; a reply with an old nonce must not trigger anything.
-            time.sleep(0.5)
+            wait_until(lambda: cp.cache.serial > serial, 10, what="the edit to be loaded")
             envoy.send(CDS, version="", nonce="not-a-nonce-we-sent", error="ignored")
             envoy.expect_silence(0.5)
             assert CDS not in cp.ads.nodes["fake-envoy"].nacked

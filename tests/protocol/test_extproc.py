@@ -268,3 +268,19 @@ def test_throttling_stays_429(server) -> None:
     out = list(stub.Process(iter(reqs), timeout=5))
     h = mutated(out[2].response_body.response.header_mutation)
     assert h[":status"] == "429" and h["retry-after"] == "3"
+
+
+def test_204_has_no_content_length(server) -> None:
+    cp, stub = server
+    (route_name,) = cp.translation.route_table
+    reqs = lambda_exchange(
+        route_name,
+        "200",
+        [("x-amzn-requestid", "l"), ("content-length", "40")],
+        json.dumps({"statusCode": 204, "body": ""}).encode(),
+    )
+    out = list(stub.Process(iter(reqs), timeout=5))
+    resp = out[2].response_body.response
+    assert mutated(resp.header_mutation)[":status"] == "204"
+    assert "content-length" not in mutated(resp.header_mutation)
+    assert "content-length" in resp.header_mutation.remove_headers

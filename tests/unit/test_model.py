@@ -866,3 +866,26 @@ def test_config_equality_is_value_based():
     b = resolve(parsed(vs_doc(), upstream_doc(), secret_doc())).config
     assert a == b
     assert a != Config()
+
+
+@pytest.mark.parametrize(
+    "matcher, field, words",
+    [
+        ({"regex": "^/a*+$"}, "regex", "not valid RE2"),
+        ({"regex": r"^/x\Z"}, "regex", "not valid RE2"),
+        ({"regex": "^/a{2,1001}$"}, "regex", "not valid RE2"),
+        ({"regex": "(?#comment)/x"}, "regex", "not valid RE2"),
+        (
+            {"path": "/" + "/".join(f"s{i}/{{p{i}}}" for i in range(12))},
+            "path",
+            "too complex for Envoy's RE2",
+        ),
+    ],
+)
+def test_regexes_envoy_would_refuse_are_rejected_per_route(matcher, field, words):
+    doc = vs_doc(
+        routes=[{"matcher": matcher, "destination": {"upstream": "lambdas", "function": "list-pets"}}]
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_document(doc)
+    assert words in str(info.value) and f"spec.routes[0].matcher.{field}" in str(info.value)

@@ -144,12 +144,12 @@ def test_null_maps_and_null_body_are_fine():
         (b"[1, 2]", "not an object"),
         (b"null", "not an object"),
         (json.dumps({"body": "x"}).encode(), "no statusCode"),
-        (json.dumps({"statusCode": "OK"}).encode(), "not an HTTP status"),
-        (json.dumps({"statusCode": 99}).encode(), "not an HTTP status"),
-        (json.dumps({"statusCode": 600}).encode(), "not an HTTP status"),
-        (json.dumps({"statusCode": 200.5}).encode(), "not an HTTP status"),
-        (json.dumps({"statusCode": True}).encode(), "not an HTTP status"),
-        (json.dumps({"statusCode": None}).encode(), "not an HTTP status"),
+        (json.dumps({"statusCode": "OK"}).encode(), "not a final HTTP status"),
+        (json.dumps({"statusCode": 99}).encode(), "not a final HTTP status"),
+        (json.dumps({"statusCode": 600}).encode(), "not a final HTTP status"),
+        (json.dumps({"statusCode": 200.5}).encode(), "not a final HTTP status"),
+        (json.dumps({"statusCode": True}).encode(), "not a final HTTP status"),
+        (json.dumps({"statusCode": None}).encode(), "not a final HTTP status"),
         (
             json.dumps({"statusCode": 200, "body": "@@@", "isBase64Encoded": True}).encode(),
             "not valid base64",
@@ -170,11 +170,20 @@ def test_null_maps_and_null_body_are_fine():
         ),
         (
             json.dumps({"statusCode": 200, "headers": {"Bad Name": "v"}}).encode(),
-            "not a valid HTTP header name",
+            "not an HTTP token",
         ),
         (
             json.dumps({"statusCode": 200, "headers": {"X-A\r\nX-B": "v"}}).encode(),
-            "not a valid HTTP header name",
+            "not an HTTP token",
+        ),
+        (json.dumps({"statusCode": 101}).encode(), "not a final HTTP status"),
+        (json.dumps({"statusCode": 200, "headers": {"x-badé": "v"}}).encode(), "not an HTTP token"),
+        (json.dumps({"statusCode": 200, "headers": {"X-A": "a\x01b"}}).encode(), "control character"),
+        (json.dumps({"statusCode": 200, "headers": {"X-A": "caf\u00e9"}}).encode(), "non-ASCII"),
+        (json.dumps({"statusCode": 200, "headers": {"X-A": "v" * 20000}}).encode(), "the limit is"),
+        (
+            json.dumps({"statusCode": 200, "multiValueHeaders": {"X-A": ["v" * 10000] * 6}}).encode(),
+            "headers add up",
         ),
         (json.dumps({"statusCode": 200, "headers": {"X-A": ["list"]}}).encode(), "must be a string"),
         (json.dumps({"statusCode": 200, "headers": {"X-A": {"a": 1}}}).encode(), "must be a string"),
@@ -343,3 +352,9 @@ def test_gateway_errors():
     assert gateway_error(500, "r", "").status == 502
     for resp in (gateway_error(504, "r", "d"), gateway_error(503, "r", "d")):
         assert json.loads(resp.body)["requestId"] == "r"
+
+
+@pytest.mark.parametrize("status", [200, 204, 302, 307])
+def test_a_non_lambda_answer_below_400_is_never_passed_off_as_success(status):
+    out = gateway_error(status, "rid", "no x-amzn-requestid")
+    assert out.status == 502 and json.loads(out.body)["message"] == "Bad gateway"
