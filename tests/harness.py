@@ -249,7 +249,7 @@ class MotoServer:
             config=Config(retries={"total_max_attempts": 1}),
         )
 
-    def create_function(self, name: str) -> None:
+    def create_function(self, name: str, *, publish: bool = False) -> None:
         import io
         import zipfile
 
@@ -267,6 +267,7 @@ class MotoServer:
             Role=role,
             Handler="index.handler",
             Code={"ZipFile": buf.getvalue()},
+            Publish=publish,
         )
 
     def queue_results(self, results: list[str]) -> None:

@@ -26,6 +26,7 @@ spec:
   functions:
   - {{name: hello, spec: {{function_name: hello-fn}}}}
   - {{name: by-arn, spec: {{function_name: "arn:aws:lambda:us-east-1:123456789012:function:hello-fn"}}}}
+  - {{name: v1, spec: {{function_name: hello-fn, qualifier: "1"}}}}
 ---
 apiVersion: lambdagate.io/v1
 kind: VirtualService
@@ -34,6 +35,8 @@ spec:
   routes:
   - matcher: {{prefix: /arn}}
     destination: {{upstream: moto, function: by-arn}}
+  - matcher: {{prefix: /v1}}
+    destination: {{upstream: moto, function: v1}}
   - matcher: {{prefix: /}}
     destination: {{upstream: moto, function: hello}}
 """)
@@ -42,7 +45,7 @@ spec:
 @pytest.fixture(scope="module")
 def moto() -> MotoServer:
     with MotoServer() as server:
-        server.create_function("hello-fn")
+        server.create_function("hello-fn", publish=True)
         yield server
 
 
@@ -64,6 +67,10 @@ def test_signed_invocations_are_accepted_by_moto(moto: MotoServer, tmp_path: Pat
         assert (r.status, r.body) == (200, b"via arn")
         r = http("GET", f"http://127.0.0.1:{port}/things?x=1")
         assert (r.status, r.body) == (200, b"get")
+        # ?Qualifier= is part of what is signed; moto checks it and knows version 1.
+        moto.queue_results([json.dumps({"statusCode": 200, "body": "version 1"})])
+        r = http("GET", f"http://127.0.0.1:{port}/v1")
+        assert (r.status, r.body) == (200, b"version 1")
 
 
 def test_wrong_secret_key_is_a_clear_signature_error(moto: MotoServer, tmp_path: Path, loop_thread) -> None:
