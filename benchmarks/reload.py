@@ -17,8 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (the sibling script's process helpers)
 
-from controlplane.bootstrap import bootstrap_yaml  # noqa: E402
-
 
 def status(url: str) -> int:
     try:
@@ -38,28 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             fast, fast_admin = bench.free_port(), bench.free_port()
             fast_envoy = bench.start_envoy(procs, "fast-lambda", bench.fast_lambda_config(fast, fast_admin))
             config_dir = bench.lambdagate_config_dir(work, fast)
-            port, admin, grpc_port = bench.free_port(), bench.free_port(), bench.free_port()
-            cp = procs.start(
-                "lambdagate-serve",
-                [
-                    sys.executable,
-                    "-m",
-                    "controlplane.cli",
-                    "--log-level",
-                    "warning",
-                    "serve",
-                    "--config-dir",
-                    str(config_dir),
-                    "--grpc-address",
-                    f"127.0.0.1:{grpc_port}",
-                    "--listen-address",
-                    "127.0.0.1",
-                    "--listen-port",
-                    str(port),
-                ],
-                bench.clean_env(),
-            )
-            envoy = bench.start_envoy(procs, "envoy", bootstrap_yaml(xds_port=grpc_port, admin_port=admin))
+            cp, envoy, port = bench.start_lambdagate(procs, config_dir)
             base = f"http://127.0.0.1:{port}"
             bench.wait_for("the first route", lambda: status(base + "/") == 200, [cp, envoy, fast_envoy])
             vs = config_dir / "bench.yaml"

@@ -619,10 +619,12 @@ def bench_native(procs: Procs, fast_port: int, duration: int, warmup: int) -> Pa
         procs.stop(envoy)
 
 
-def bench_lambdagate(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
+def start_lambdagate(procs: Procs, config_dir: Path) -> tuple[Proc, Proc, int]:
+    """`lambdagate serve` in its own process (and GIL), as an operator runs it, and an Envoy bootstrapped to it.
+
+    Returns (control plane, Envoy, Envoy's HTTP port).
+    """
     port, admin, grpc_port = free_port(), free_port(), free_port()
-    config_dir = lambdagate_config_dir(procs.workdir, fast_port)
-    # Its own process (and GIL), started the way an operator runs it next to an existing Envoy.
     cp = procs.start(
         "lambdagate-serve",
         [
@@ -643,21 +645,28 @@ def bench_lambdagate(procs: Procs, fast_port: int, duration: int, warmup: int) -
         ],
         clean_env(),
     )
-    envoy: Proc | None = None
+
+    def grpc_up() -> bool:
+        with socket.create_connection(("127.0.0.1", grpc_port), timeout=0.5):
+            return True
+
     try:
-
-        def grpc_up() -> bool:
-            with socket.create_connection(("127.0.0.1", grpc_port), timeout=0.5):
-                return True
-
         wait_for("lambdagate's gRPC port", grpc_up, [cp])
         envoy = start_envoy(
             procs, "envoy-c-lambdagate", bootstrap_yaml(xds_port=grpc_port, admin_port=admin), clean_env()
         )
+    except BaseException:
+        procs.stop(cp)
+        raise
+    return cp, envoy, port
+
+
+def bench_lambdagate(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
+    cp, envoy, port = start_lambdagate(procs, lambdagate_config_dir(procs.workdir, fast_port))
+    try:
         return measure("c", f"http://127.0.0.1:{port}/", [envoy, cp], duration, warmup)
     finally:
-        if envoy is not None:
-            procs.stop(envoy)
+        procs.stop(envoy)
         procs.stop(cp)
 
 
