@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -145,7 +144,6 @@ class Processor:
         "protocol",
         "resp_status",
         "resp_headers",
-        "started",
     )
 
     def __init__(self, server: ExtProcServer) -> None:
@@ -160,7 +158,6 @@ class Processor:
         self.protocol = "HTTP/1.1"
         self.resp_status = 0
         self.resp_headers: dict[str, str] = {}
-        self.started = time.monotonic()
 
     # --- request path -------------------------------------------------------------------------------
 
@@ -192,7 +189,7 @@ class Processor:
         if not self.request_id:
             self.request_id = str(uuid.uuid4())
         if not route_name:
-            # No route matched: Envoy still runs the filter. Nothing to invoke, and nothing leaves Envoy.
+            # The filter is enabled per route, so this means an Envoy configured by something else: refuse.
             return self._immediate(json_error(404, "Not Found", self.request_id))
         self.target = self.server.routes.get(route_name)
         if self.target is None:
