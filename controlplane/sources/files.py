@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from controlplane.model import Config, ConfigError, ObjectKey, Resolved, resolve
+from controlplane.model import ConfigError, ObjectKey
 from controlplane.model.parse import Resource, object_key, parse_document
-from controlplane.model.resources import Endpoint, Secret
+from controlplane.model.resources import Endpoint
+from controlplane.sources.base import LastGood, LoadResult
+
+__all__ = ["FileSource", "LoadResult"]
 
 log = logging.getLogger("lambdagate.sources.files")
 
@@ -24,32 +26,13 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 SKIPPED_DIRS = ("functions", ".lambdagate")
 
 
-@dataclass
-class LoadResult:
-    resolved: Resolved
-    # Errors that stop a file or document from being read at all, before references are checked.
-    parse_errors: list[ConfigError] = field(default_factory=list)
-    # Every Secret read, used or not (the local Lambda endpoint accepts all their keys).
-    secrets: list[Secret] = field(default_factory=list)
-
-    @property
-    def config(self) -> Config:
-        return self.resolved.config
-
-    @property
-    def errors(self) -> list[ConfigError]:
-        return self.parse_errors + list(self.resolved.errors.values())
-
-
 class FileSource:
     """Reads a folder into a Config, remembering the last good version of every object."""
 
     def __init__(self, config_dir: Path, *, local_endpoint: Endpoint | None = None) -> None:
         self.config_dir = config_dir
         self.local_endpoint = local_endpoint
-        self._last_good: dict[ObjectKey, tuple[Resource, Path]] = {}
-        self._last_config: Config | None = None
-        self._last_error_text: list[str] = []
+        self._good: LastGood[Path] = LastGood(local_endpoint=local_endpoint)
 
     def files(self) -> list[Path]:
         if not self.config_dir.is_dir():
@@ -65,6 +48,7 @@ class FileSource:
 
     def load(self) -> LoadResult:
         parse_errors: list[ConfigError] = []
+        failed: dict[ObjectKey, ConfigError] = {}
         objects: dict[ObjectKey, tuple[Resource, Path]] = {}
         # Keys defined by a document read in this pass (not carried over from the last good version).
         defined: set[ObjectKey] = set()
@@ -77,7 +61,7 @@ class FileSource:
             except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
                 parse_errors.append(ConfigError(_yaml_message(err), source=rel))
                 # Keep serving what this file held before it broke.
-                for key, entry in self._last_good.items():
+                for key, entry in self._good.entries.items():
                     if entry[1] == path and key not in objects:
                         objects[key] = entry
                 continue
@@ -89,11 +73,13 @@ class FileSource:
                 try:
                     obj = parse_document(doc)
                 except ConfigError as perr:
-                    parse_errors.append(
-                        perr.with_context(source=where, obj=str(doc_key) if doc_key else None)
-                    )
-                    if doc_key is not None and doc_key in self._last_good and doc_key not in objects:
-                        objects[doc_key] = self._last_good[doc_key]
+                    error = perr.with_context(source=where, obj=str(doc_key) if doc_key else None)
+                    parse_errors.append(error)
+                    if doc_key is not None:
+                        failed[doc_key] = error
+                        previous = self._good.get(doc_key)
+                        if previous is not None and doc_key not in objects:
+                            objects[doc_key] = previous
                     continue
                 if obj is None:
                     continue
@@ -110,45 +96,11 @@ class FileSource:
                     continue
                 objects[obj.key] = (obj, path)
                 defined.add(obj.key)
-        resolved = resolve(
-            [o for o, _ in objects.values()], previous=self._last_config, local_endpoint=self.local_endpoint
+        result = self._good.settle(
+            objects, parse_errors, failed=failed, where=lambda p: str(p.relative_to(self.config_dir))
         )
-        for rkey in list(resolved.errors):
-            if rkey in objects:
-                src = objects[rkey][1].relative_to(self.config_dir)
-                resolved.errors[rkey] = resolved.errors[rkey].with_context(source=str(src))
-        served: list[Resource] = [
-            *resolved.config.upstreams,
-            *resolved.config.virtual_services,
-            *resolved.config.secrets,
-        ]
-        accepted = {o.key for o in served}
-        # Secrets are not in Config unless used; remember every parsed one as good.
-        last_good: dict[ObjectKey, tuple[Resource, Path]] = {}
-        for key, entry in objects.items():
-            if key in resolved.kept_previous:
-                if key in self._last_good:
-                    last_good[key] = self._last_good[key]
-            elif key in accepted or (key.kind == "Secret" and key not in resolved.errors):
-                last_good[key] = entry
-        self._last_good = last_good
-        self._last_config = resolved.config
-        secrets = [o for o, _ in objects.values() if isinstance(o, Secret)]
-        result = LoadResult(resolved, parse_errors, secrets)
-        self._report(result)
+        self._good.report(result, log, str(self.config_dir))
         return result
-
-    def _report(self, result: LoadResult) -> None:
-        text = sorted(str(e) for e in result.errors)
-        if text == self._last_error_text:
-            return
-        self._last_error_text = text
-        if not text:
-            log.info("configuration in %s is valid", self.config_dir)
-        for line in text:
-            log.error("rejected: %s", line)
-        for key in sorted(result.resolved.kept_previous):
-            log.warning("%s: still serving its last good version", key)
 
     async def watch(
         self,
