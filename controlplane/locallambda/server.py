@@ -273,6 +273,17 @@ class _WorkerPool:
             self._queue.put(None)
 
     def _work(self) -> None:
+        # Lambda runs a handler on its runtime's main thread, where asyncio.get_event_loop() works; frameworks
+        # such as Mangum rely on it. Give each worker thread a loop of its own so they behave the same here.
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            self._serve_jobs()
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    def _serve_jobs(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:

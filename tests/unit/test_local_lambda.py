@@ -91,6 +91,14 @@ def unmarshalable(event, context):
     return {1, 2}
 
 
+def uses_loop(event, context):
+    # What Mangum does: run a coroutine on the thread's current loop, as Lambda's main thread allows.
+    async def answer():
+        return "from a coroutine"
+
+    return asyncio.get_event_loop().run_until_complete(answer())
+
+
 def touch(event, context):
     # Write then rename, so a poller never sees the file half-written.
     partial = Path(event["path"] + ".partial")
@@ -109,6 +117,7 @@ functions:
 - {name: Chatty, handler: pets.chatty}
 - {name: Marshal, handler: pets.unmarshalable}
 - {name: Touch, handler: pets.touch}
+- {name: UsesLoop, handler: pets.uses_loop}
 - {name: Broken, handler: broken.handler}
 - {name: Missing, handler: pets.nope}
 """
@@ -266,6 +275,11 @@ def test_sync_invoke_returns_result_event_and_context(client: Any) -> None:
     assert body["remaining_ok"] is True
     assert body["identity"] is None
     assert body["on_loop"] is False
+
+
+def test_handlers_can_use_the_threads_event_loop(client: Any) -> None:
+    for _ in range(3):  # on every worker thread, not just the first invocation
+        assert _payload(client.invoke(FunctionName="UsesLoop")) == "from a coroutine"
 
 
 def test_empty_payload_is_empty_object(client: Any) -> None:
