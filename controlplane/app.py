@@ -20,6 +20,7 @@ from controlplane.aws.signing import DefaultChain
 from controlplane.extproc.server import ExtProcServer, RouteTable
 from controlplane.model.resources import Endpoint
 from controlplane.sources.files import FileSource, LoadResult
+from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
 from controlplane.translate.envoy import TranslateOptions, Translation, translate
 from controlplane.xds.cache import ROUTE_TYPE, Snapshot, SnapshotCache
 from controlplane.xds.server import AdsServer
@@ -38,12 +39,14 @@ GRPC_OPTIONS = [
 
 @dataclass
 class Settings:
-    config_dir: Path
+    # Exactly one source: a folder, or the Kubernetes API.
+    config_dir: Path | None = None
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 18000
     translate: TranslateOptions = TranslateOptions()
     local_endpoint: Endpoint | None = None
     grace_s: float = 5.0
+    kubernetes: KubeSettings | None = None
 
 
 class ControlPlane:
@@ -55,7 +58,13 @@ class ControlPlane:
         self.default_chain = DefaultChain()
         self.extproc = ExtProcServer(self.routes, self.default_chain)
         self.health = health.aio.HealthServicer()
-        self.source = FileSource(settings.config_dir, local_endpoint=settings.local_endpoint)
+        self.source: FileSource | KubernetesSource
+        if settings.kubernetes is not None:
+            self.source = KubernetesSource(settings.kubernetes, local_endpoint=settings.local_endpoint)
+        elif settings.config_dir is not None:
+            self.source = FileSource(settings.config_dir, local_endpoint=settings.local_endpoint)
+        else:
+            raise ValueError("a config folder or Kubernetes settings are required")
         self.last: LoadResult | None = None
         self.translation: Translation | None = None
         self.server: grpc.aio.Server | None = None

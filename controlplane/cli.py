@@ -95,8 +95,22 @@ async def _serve(args: argparse.Namespace) -> int:
         parts = urlsplit(args.local_lambda_url)
         default_port = 443 if parts.scheme == "https" else 80
         local = Endpoint(parts.scheme, parts.hostname or "127.0.0.1", parts.port or default_port)
+    kube = None
+    if args.kubernetes:
+        from controlplane.sources.kubernetes import KubeSettings
+
+        kube = KubeSettings(
+            namespace=args.namespace,
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+            lease_namespace=None
+            if args.no_leader_election
+            else (args.lease_namespace or "lambdagate-system"),
+            identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
+        )
     settings = Settings(
-        config_dir=Path(args.config_dir),
+        config_dir=Path(args.config_dir) if args.config_dir else None,
+        kubernetes=kube,
         grpc_host=host,
         grpc_port=port,
         translate=TranslateOptions(
@@ -312,7 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
-    serve.add_argument("--config-dir", required=True)
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-dir", help="read resources from this folder")
+    source.add_argument("--kubernetes", action="store_true", help="read resources from the Kubernetes API")
+    serve.add_argument(
+        "--namespace", default=None, help="with --kubernetes: only this namespace (default: all)"
+    )
+    serve.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="with --kubernetes: kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)",
+    )
+    serve.add_argument("--context", default=None, help="with --kubernetes: kubeconfig context")
+    serve.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        help="with --kubernetes: namespace of the leader-election Lease (default: $POD_NAMESPACE, "
+        "else lambdagate-system); only the leader writes status",
+    )
+    serve.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="with --kubernetes: every replica writes status (fine for a single replica)",
+    )
+    serve.add_argument("--identity", default=None, help="leader-election identity (default: hostname-pid)")
     serve.add_argument(
         "--grpc-address",
         type=_host_port,
