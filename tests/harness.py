@@ -291,7 +291,12 @@ class MotoServer:
 
 @contextlib.contextmanager
 def control_plane(
-    loop: LoopThread, config_dir: Path, *, listen_port: int, local_endpoint: Any = None
+    loop: LoopThread,
+    config_dir: Path | None,
+    *,
+    listen_port: int,
+    local_endpoint: Any = None,
+    kubernetes: Any = None,
 ) -> Iterator[Any]:
     """Our control plane (xDS + ext_proc) on a free port, running until the block ends."""
     from controlplane.app import ControlPlane, Settings
@@ -304,6 +309,7 @@ def control_plane(
         translate=TranslateOptions(listen_address="127.0.0.1", listen_port=listen_port, extproc_port=0),
         local_endpoint=local_endpoint,
         grace_s=0.5,
+        kubernetes=kubernetes,
     )
 
     async def make() -> tuple[Any, asyncio.Event]:

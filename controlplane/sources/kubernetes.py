@@ -491,7 +491,18 @@ class KubernetesSource:
                 generation,
             ),
         ]
-        return {"state": state, "reason": reason, "observedGeneration": generation, "conditions": conditions}
+        status: dict[str, Any] = {
+            "state": state,
+            # null, never "": in a merge patch null removes the field, and some apiservers refuse empty strings.
+            "reason": reason or None,
+            "observedGeneration": generation,
+            "conditions": conditions,
+        }
+        if key.kind == KIND_UPSTREAM:
+            spec_functions = (raw.get("spec") or {}).get("functions")
+            # What `kubectl get upstreams` shows under FUNCTIONS (a CRD column cannot count a list itself).
+            status["functionCount"] = len(spec_functions) if isinstance(spec_functions, list) else 0
+        return status
 
     def write_status(self, result: LoadResult) -> None:
         """Patch status where it changed. Runs in a thread: the client is synchronous."""
@@ -559,4 +570,10 @@ def _comparable(status: dict[str, Any]) -> Any:
     conditions = [
         {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or []
     ]
-    return (status.get("state"), status.get("reason"), status.get("observedGeneration"), conditions)
+    return (
+        status.get("state"),
+        status.get("reason") or None,
+        status.get("observedGeneration"),
+        status.get("functionCount"),
+        conditions,
+    )

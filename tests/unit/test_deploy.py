@@ -1,0 +1,1018 @@
+"""deploy/ and envoy/: the Kubernetes manifests, checked without a cluster.
+
+Every YAML file parses; the CRDs are structural schemas a Kubernetes 1.20 apiserver accepts (no CEL) and accept
+and reject what lambdagate's own validators (controlplane.model.parse) do; the RBAC is least privilege; the
+workloads are consistent with each other, with the CLI and with the Dockerfile; the gateway's bootstrap is the
+generated one. CRD patterns are evaluated with RE2 (google-re2), the engine family of the apiserver's Go regexp:
+`$` is the end of the text, unlike Python's `re`.
+
+`render_kustomization(kubectl)` is for tests that have a kubectl (tests/k8s): it is a helper, not a test.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shlex
+import subprocess
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+import re2
+import yaml
+
+from controlplane.bootstrap import bootstrap_yaml
+from controlplane.cli import build_parser
+from controlplane.model import ConfigError, parse_document
+from controlplane.model.resources import HTTP_METHODS
+from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+ENVOY = ROOT / "envoy"
+NAMESPACE = "lambdagate-system"
+XDS_SERVICE = "lambdagate-xds"
+XDS_HOST = f"{XDS_SERVICE}.{NAMESPACE}.svc"
+XDS_PORT = 18000
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+# Short names other CRDs commonly installed beside ours use (Istio, Gloo, Knative, core).
+TAKEN_SHORT_NAMES = {"vs", "us", "gw", "svc", "ing", "rt", "dr", "se", "ksvc", "route", "upstream"}
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection", "escalate", "bind", "impersonate"}
+
+
+def load_docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for d in (DEPLOY, ENVOY) for p in d.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def manifest(name: str) -> list[dict[str, Any]]:
+    return load_docs(DEPLOY / name)
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def crd(plural: str) -> dict[str, Any]:
+    (doc,) = manifest(f"crds/{plural}.lambdagate.io.yaml")
+    return doc
+
+
+def schema(plural: str) -> dict[str, Any]:
+    return crd(plural)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def render_kustomization(kubectl: str) -> list[dict[str, Any]]:
+    """`kubectl kustomize deploy/` with the given kubectl (1.20's kustomize is v2.0.3): the rendered objects.
+
+    Checks that it renders and that every namespaced object lands in lambdagate-system.
+    """
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    assert docs, "kustomize rendered nothing"
+    for doc in docs:
+        meta = doc["metadata"]
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in meta, f"{doc['kind']} {meta['name']} is cluster-scoped"
+        else:
+            assert meta.get("namespace") == NAMESPACE, (
+                f"{doc['kind']} {meta['name']}: {meta.get('namespace')}"
+            )
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A small validator for the subset of OpenAPI v3 the CRDs use, with the apiserver's semantics: defaults applied
+# first, unknown fields pruned (ignored) rather than refused, patterns searched with RE2, list-type set/map
+# uniqueness. tests/k8s checks the same objects against a real apiserver.
+
+
+# RFC 3339, as the apiserver's `format: date-time` takes it (roughly: it also takes a few other layouts).
+DATE_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z")
+
+
+def _has_type(value: Any, typ: str) -> bool:
+    return {
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+    }[typ]
+
+
+def apply_defaults(node: dict[str, Any], value: Any) -> Any:
+    """What the apiserver does before validating: a null where null is not allowed is dropped (or defaulted)."""
+    if isinstance(value, dict):
+        for key, sub in node.get("properties", {}).items():
+            if key in value and value[key] is None and not sub.get("nullable"):
+                del value[key]
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in node:
+        value = [apply_defaults(node["items"], v) for v in value]
+    return value
+
+
+def crd_errors(node: dict[str, Any], value: Any, path: str = "") -> list[str]:
+    typ = node.get("type")
+    if typ and not _has_type(value, typ):
+        return [f"{path}: must be of type {typ}"]
+    errs: list[str] = []
+    if "enum" in node and value not in node["enum"]:
+        errs.append(f"{path}: {value!r} not in {node['enum']}")
+    if isinstance(value, str):
+        if "pattern" in node and not re2.search(node["pattern"], value):
+            errs.append(f"{path}: {value!r} does not match {node['pattern']}")
+        if len(value) < node.get("minLength", 0) or len(value) > node.get("maxLength", len(value)):
+            errs.append(f"{path}: length {len(value)}")
+        if node.get("format") == "date-time" and not DATE_TIME_RE.match(value):
+            errs.append(f"{path}: {value!r} is not a date-time")
+    if isinstance(value, list):
+        if len(value) < node.get("minItems", 0):
+            errs.append(f"{path}: fewer than {node['minItems']} items")
+        list_type = node.get("x-kubernetes-list-type")
+        if list_type == "set" and len({yaml.safe_dump(v) for v in value}) != len(value):
+            errs.append(f"{path}: duplicate items")
+        if list_type == "map":
+            keys = [tuple(v.get(k) for k in node["x-kubernetes-list-map-keys"]) for v in value]
+            if len(set(keys)) != len(keys):
+                errs.append(f"{path}: duplicate keys")
+        for i, item in enumerate(value):
+            errs += crd_errors(node.get("items", {}), item, f"{path}[{i}]")
+    if isinstance(value, dict):
+        errs += [f"{path}.{k}: required" for k in node.get("required", []) if k not in value]
+        for key, sub in node.get("properties", {}).items():
+            if key in value:
+                errs += crd_errors(sub, value[key], f"{path}.{key}")
+    if "oneOf" in node:
+        passing = sum(not crd_errors(alt, value, path) for alt in node["oneOf"])
+        if passing != 1:
+            errs.append(f"{path}: {passing} of oneOf match")
+    if "anyOf" in node and not any(not crd_errors(alt, value, path) for alt in node["anyOf"]):
+        errs.append(f"{path}: no anyOf matches")
+    for alt in node.get("allOf", []):
+        errs += crd_errors(alt, value, path)
+    if "not" in node and not crd_errors(node["not"], value, path):
+        errs.append(f"{path}: matches not")
+    return errs
+
+
+def crd_accepts(doc: dict[str, Any]) -> bool:
+    plural = {"Upstream": "upstreams", "VirtualService": "virtualservices"}[doc["kind"]]
+    s = schema(plural)
+    return not crd_errors(s, apply_defaults(s, copy.deepcopy(doc)))
+
+
+def python_accepts(doc: dict[str, Any]) -> bool:
+    try:
+        parse_document(doc)
+    except ConfigError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_file_parses(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs and all(isinstance(doc, dict) for doc in docs)
+    if path.parent == ENVOY and path.name.startswith("bootstrap"):
+        (doc,) = docs  # an Envoy bootstrap
+        assert {"node", "admin", "dynamic_resources", "static_resources"} <= set(doc)
+    else:
+        for doc in docs:  # Kubernetes objects and kustomizations
+            assert doc.get("apiVersion") and doc.get("kind"), doc
+
+
+def test_envoy_folder_stays_a_plain_folder() -> None:
+    # xds-protos owns the Python package `envoy`; an __init__.py here would shadow it.
+    assert not (ENVOY / "__init__.py").exists()
+
+
+def test_kubernetes_bootstrap_is_the_generated_one() -> None:
+    expected = bootstrap_yaml(xds_host=XDS_HOST, xds_port=XDS_PORT, admin_port=9901)
+    assert (ENVOY / "bootstrap-kubernetes.yaml").read_text() == expected
+    # Envoy's admin interface stays inside the pod.
+    doc = yaml.safe_load(expected)
+    assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_sidecar_bootstrap_is_the_generated_one() -> None:
+    cm = one(manifest("examples/sidecar.yaml"), "ConfigMap", "lambdagate-sidecar-bootstrap")
+    expected = bootstrap_yaml(
+        xds_host=XDS_HOST, xds_port=XDS_PORT, node_id="lambdagate-sidecar", admin_port=9901
+    )
+    assert cm["data"]["bootstrap.yaml"] == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CRDs: names, structure, Kubernetes 1.20
+
+
+@pytest.mark.parametrize(
+    ("plural", "kind", "short"),
+    [("upstreams", "Upstream", "lgus"), ("virtualservices", "VirtualService", "lgvs")],
+)
+def test_crd_names_and_version(plural: str, kind: str, short: str) -> None:
+    doc = crd(plural)
+    assert doc["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert doc["metadata"]["name"] == f"{plural}.lambdagate.io"
+    spec = doc["spec"]
+    assert spec["group"] == "lambdagate.io" and spec["scope"] == "Namespaced"
+    names = spec["names"]
+    assert (names["kind"], names["plural"], names["singular"]) == (kind, plural, kind.lower())
+    assert names["shortNames"] == [short] and not set(names["shortNames"]) & TAKEN_SHORT_NAMES
+    (version,) = spec["versions"]
+    assert version["name"] == "v1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+
+
+STRUCTURAL_FORBIDDEN_IN_JUNCTORS = {
+    "type",
+    "description",
+    "default",
+    "nullable",
+    "additionalProperties",
+    "title",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-embedded-resource",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+}
+JUNCTORS = ("oneOf", "anyOf", "allOf")
+
+
+def _structural_problems(node: dict[str, Any], path: str, field_level: bool) -> list[str]:
+    problems: list[str] = []
+    untyped_ok = node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")
+    if field_level and "type" not in node and not untyped_ok:
+        problems.append(f"{path}: no type")
+    if node.get("type") == "array" and "items" not in node:
+        problems.append(f"{path}: array without items")
+    if "properties" in node and "additionalProperties" in node:
+        problems.append(f"{path}: properties and additionalProperties")
+    if node.get("uniqueItems"):
+        problems.append(f"{path}: uniqueItems is forbidden")
+    if "pattern" in node:
+        try:
+            re2.compile(node["pattern"])
+        except re2.error as err:
+            problems.append(f"{path}: pattern {node['pattern']!r}: {err}")
+    for key in node.get("x-kubernetes-list-map-keys", []):
+        item = node["items"]
+        if key not in item.get("properties", {}) or (
+            key not in item.get("required", []) and "default" not in item
+        ):
+            problems.append(f"{path}: list-map key {key} must be a required item property")
+    for key, sub in node.get("properties", {}).items():
+        problems += _structural_problems(sub, f"{path}.{key}", True)
+    if "items" in node:
+        problems += _structural_problems(node["items"], f"{path}[]", True)
+    for junctor in JUNCTORS:
+        for i, alt in enumerate(node.get(junctor, [])):
+            problems += _junctor_problems(alt, node, f"{path}.{junctor}[{i}]")
+    if "not" in node:
+        problems += _junctor_problems(node["not"], node, f"{path}.not")
+    return problems
+
+
+def _junctor_problems(alt: dict[str, Any], structural: dict[str, Any], path: str) -> list[str]:
+    problems = [f"{path}: {k} not allowed in a junctor" for k in alt if k in STRUCTURAL_FORBIDDEN_IN_JUNCTORS]
+    # Every field a junctor names must be specified in the structural part beside it.
+    for name in list(alt.get("required", [])) + list(alt.get("properties", {})):
+        if name not in structural.get("properties", {}):
+            problems.append(f"{path}: {name} is not in the structural schema")
+    for junctor in JUNCTORS:
+        for i, sub in enumerate(alt.get(junctor, [])):
+            problems += _junctor_problems(sub, structural, f"{path}.{junctor}[{i}]")
+    return problems
+
+
+@pytest.mark.parametrize("plural", ["upstreams", "virtualservices"])
+def test_crd_schema_is_structural(plural: str) -> None:
+    s = schema(plural)
+    assert s["type"] == "object"
+    # metadata may not be restricted beyond name/generateName; we leave it alone.
+    assert s["properties"]["metadata"] == {"type": "object"}
+    assert s["required"] == ["spec"]
+    assert _structural_problems(s, plural, False) == []
+
+
+def _walk(node: Any) -> list[Any]:
+    out = [node]
+    if isinstance(node, dict):
+        for v in node.values():
+            out += _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += _walk(v)
+    return out
+
+
+@pytest.mark.parametrize("plural", ["upstreams", "virtualservices"])
+def test_crd_uses_nothing_newer_than_kubernetes_1_20(plural: str) -> None:
+    keys = {k for node in _walk(crd(plural)) if isinstance(node, dict) for k in node}
+    assert "x-kubernetes-validations" not in keys  # CEL: 1.25+
+    assert "selectableFields" not in keys  # 1.30+
+
+
+def _resolve(s: dict[str, Any], json_path: str) -> dict[str, Any] | None:
+    if json_path == ".metadata.creationTimestamp":
+        return {"type": "string"}
+    node: dict[str, Any] | None = s
+    for part in json_path.lstrip(".").split("."):
+        name = part.split("[", 1)[0]
+        node = (node or {}).get("properties", {}).get(name)
+        if node is not None and part.endswith("[*]"):
+            node = node.get("items")
+    return node
+
+
+@pytest.mark.parametrize(
+    ("plural", "columns"),
+    [
+        (
+            "upstreams",
+            [
+                ("Type", ".spec.type"),
+                ("Region", ".spec.region"),
+                ("Functions", ".status.functionCount"),
+                ("State", ".status.state"),
+                ("Age", ".metadata.creationTimestamp"),
+            ],
+        ),
+        (
+            "virtualservices",
+            [
+                ("Domains", ".spec.domains"),
+                ("State", ".status.state"),
+                ("Age", ".metadata.creationTimestamp"),
+            ],
+        ),
+    ],
+)
+def test_printer_columns_name_fields_of_the_schema(plural: str, columns: list[tuple[str, str]]) -> None:
+    version = crd(plural)["spec"]["versions"][0]
+    got = version["additionalPrinterColumns"]
+    assert [(c["name"], c["jsonPath"]) for c in got] == columns
+    for col in got:
+        node = _resolve(version["schema"]["openAPIV3Schema"], col["jsonPath"])
+        assert node is not None, col
+        if col["type"] in ("string", "integer"):
+            assert node["type"] in (col["type"], "array"), col
+    assert got[-1]["type"] == "date"
+
+
+@pytest.mark.parametrize("plural", ["upstreams", "virtualservices"])
+def test_status_schema(plural: str) -> None:
+    status = schema(plural)["properties"]["status"]["properties"]
+    assert status["state"]["enum"] == ["Accepted", "Rejected", "Warning"]
+    assert status["reason"]["type"] == "string"
+    assert status["observedGeneration"]["type"] == "integer"
+    cond = status["conditions"]
+    assert cond["x-kubernetes-list-map-keys"] == ["type"]
+    assert set(cond["items"]["properties"]) == {
+        "type",
+        "status",
+        "reason",
+        "message",
+        "lastTransitionTime",
+        "observedGeneration",
+    }
+    if plural == "upstreams":
+        assert status["functions"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+        assert status["functionCount"]["type"] == "integer"
+
+
+def test_status_written_by_the_control_plane_is_accepted() -> None:
+    # What KubernetesSource.status_for writes, for each state, fits the status schema (an Accepted status has
+    # reason "").
+    api_meta = {"namespace": "team", "generation": 3}
+    good = upstream_doc(secret_ref=None)
+    empty = upstream_doc(secret_ref=None, functions=[])
+    broken = vs_doc(upstream="nowhere")
+    src = KubernetesSource(KubeSettings())
+    for doc, name in ((good, "lambdas"), (empty, "empty"), (broken, "broken"), (vs_doc(), "pets")):
+        src._store.put(doc["kind"], {**doc, "metadata": {**api_meta, "name": name}})
+    result = src.load()
+    states = {}
+    for key, raw in src._store.objects.items():
+        status = src.status_for(key, raw, result)
+        states[key.name] = status["state"]
+        assert crd_accepts({**raw, "status": status}), status
+    assert states == {"lambdas": "Accepted", "empty": "Warning", "broken": "Rejected", "pets": "Accepted"}
+    extra = {"functionCount": 2, "functions": [{"name": "f", "function_name": "f", "qualifier": "live"}]}
+    assert crd_accepts({**good, "status": {"state": "Accepted", **extra}})
+    assert not crd_accepts({**vs_doc(), "status": {"state": "Fine"}})
+    assert not crd_accepts({**vs_doc(), "status": {"conditions": [{"type": "A", "status": "Yes"}]}})
+    when = {"type": "A", "status": "True", "lastTransitionTime": "yesterday"}
+    assert not crd_accepts({**vs_doc(), "status": {"conditions": [when]}})
+
+
+def test_schema_defaults_are_the_python_defaults() -> None:
+    up, vs = schema("upstreams"), schema("virtualservices")
+    assert up["properties"]["spec"]["properties"]["type"]["default"] == "aws"
+    assert vs["properties"]["spec"]["properties"]["domains"]["default"] == ["*"]
+    doc = upstream_doc()
+    del doc["spec"]["type"]
+    assert python_accepts(doc) and crd_accepts(doc)
+    assert apply_defaults(up, doc)["spec"]["type"] == "aws"
+    doc = vs_doc()
+    del doc["spec"]["domains"]
+    assert getattr(parse_document(doc), "domains", None) == ("*",) and crd_accepts(doc)
+    assert apply_defaults(vs, doc)["spec"]["domains"] == ["*"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CRD accepts and rejects what parse_document does
+
+
+def upstream_doc(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "aws",
+        "region": "us-east-1",
+        "secret_ref": "aws-creds",
+        "functions": [{"name": "list-pets", "spec": {"function_name": "PetsGet"}}],
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "lambdagate.io/v1",
+        "kind": "Upstream",
+        "metadata": {"name": "lambdas"},
+        "spec": body,
+    }
+
+
+def function_doc(
+    function_name: Any = "PetsGet", qualifier: Any = None, name: Any = "list-pets"
+) -> dict[str, Any]:
+    fspec: dict[str, Any] = {"function_name": function_name}
+    if qualifier is not None:
+        fspec["qualifier"] = qualifier
+    return upstream_doc(functions=[{"name": name, "spec": fspec}])
+
+
+def vs_doc(matcher: dict[str, Any] | None = None, upstream: Any = "lambdas", **spec: Any) -> dict[str, Any]:
+    route = {
+        "matcher": matcher or {"prefix": "/"},
+        "destination": {"upstream": upstream, "function": "list-pets"},
+    }
+    body: dict[str, Any] = {"domains": ["*"], "routes": [route]}
+    body.update(spec)
+    return {
+        "apiVersion": "lambdagate.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "pets"},
+        "spec": body,
+    }
+
+
+REGIONS = {
+    "us-east-1": True,
+    "eu-west-3": True,
+    "ap-southeast-2": True,
+    "cn-north-1": True,
+    "us-gov-west-1": True,
+    "us-iso-east-1": True,
+    "us-isob-east-1": True,
+    "": False,
+    "useast1": False,
+    "US-EAST-1": False,
+    "us-east-12": False,
+    "us-east": False,
+    "us-east-1a": False,
+    "u-east-1": False,
+    "us_east_1": False,
+    " us-east-1": False,
+    "us-east-1 ": False,
+}
+FUNCTION_NAMES = {
+    "PetsGet": True,
+    "my-function_v2.1": True,
+    "fn:live": True,
+    "fn:7": True,
+    "fn:$LATEST": True,
+    "123456789012:function:fn": True,
+    "123456789012:function:fn:live": True,
+    "arn:aws:lambda:us-east-1:123456789012:function:fn": True,
+    "arn:aws:lambda:us-east-1:123456789012:function:fn:7": True,
+    "arn:aws-cn:lambda:cn-north-1:123456789012:function:fn": True,
+    "arn:aws-us-gov:lambda:us-gov-west-1:123456789012:function:fn": True,
+    "f" * 170: True,
+    "f" * 171: False,
+    "": False,
+    "my function": False,
+    "fn:": False,
+    "fn:a.b": False,
+    "fn/x": False,
+    "arn:aws:s3:::bucket": False,
+    "arn:aws:lambda:us-east-1:12345:function:fn": False,
+    "fn:live:extra": False,
+}
+QUALIFIERS = {
+    "$LATEST": True,
+    "live": True,
+    "7": True,
+    "v1_2-3": True,
+    "a" * 128: True,
+    "a" * 129: False,
+    "a.b": False,
+    "$latest": False,
+    "live now": False,
+    "al@s": False,
+}
+ENDPOINTS = {
+    "local": True,
+    "http://127.0.0.1:9001": True,
+    "https://lambda.us-east-1.amazonaws.com": True,
+    "https://lambda.us-east-1.amazonaws.com/": True,
+    "http://localstack.default.svc.cluster.local:4566": True,
+    "https://vpce-0123-abcd.lambda.us-east-1.vpce.amazonaws.com": True,
+    "http://[::1]:9001": True,
+    "HTTP://moto:5000": True,
+    "http://h:65535": True,
+    "Local": False,
+    "local2": False,
+    "ftp://h": False,
+    "http://": False,
+    "h:80": False,
+    "lambda.us-east-1.amazonaws.com": False,
+    "http://user:pw@h": False,
+    "http://h/path": False,
+    "http://h?x=1": False,
+    "http://h#f": False,
+    "http://h:65536": False,
+    "http://h:abc": False,
+    "http:/h": False,
+}
+LOGICAL_NAMES = {
+    "list-pets": True,
+    "GetPet_v2": True,
+    "a.b:c": True,
+    "x": True,
+    "a" * 128: True,
+    "a" * 129: False,
+    "-x": False,
+    "x-": False,
+    "a b": False,
+    "": False,
+}
+DOMAINS = {
+    "*": True,
+    "example.com": True,
+    "Api.Example.com": True,
+    "*.example.com": True,
+    "*-api.example.com": True,
+    "api.*": True,
+    "api.example.*": True,
+    "example.com:8080": True,
+    "example.com:*": True,
+    "a b": False,
+    "": False,
+    "example.com:": False,
+    "exa_mple.com": False,
+    "http://example.com": False,
+}
+PATHS = {
+    "/": True,
+    "/pets": True,
+    "/pets/{petId}": True,
+    "/files/{path+}": True,
+    "pets": False,
+    "/a?b": False,
+}
+PREFIXES = {"/": True, "/api/v1": True, "api": False, "/a#b": False, "/a/{x}": False, "/a?x": False}
+METHODS = {m: True for m in HTTP_METHODS} | {"FETCH": False, "": False}
+UPSTREAM_REFS = {"lambdas": True, "lambdas.v2": True, "": False}
+
+
+def _cases(table: dict[str, bool]) -> list[Any]:
+    return [pytest.param(value, ok, id=repr(value)[:40]) for value, ok in table.items()]
+
+
+def _agree(doc: dict[str, Any], expected: bool) -> None:
+    assert (python_accepts(doc), crd_accepts(doc)) == (expected, expected)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(REGIONS))
+def test_region(value: str, ok: bool) -> None:
+    _agree(upstream_doc(region=value), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(FUNCTION_NAMES))
+def test_function_name(value: str, ok: bool) -> None:
+    _agree(function_doc(function_name=value), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(QUALIFIERS))
+def test_qualifier(value: str, ok: bool) -> None:
+    _agree(function_doc(qualifier=value), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(ENDPOINTS))
+def test_endpoint(value: str, ok: bool) -> None:
+    _agree(upstream_doc(endpoint=value), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(LOGICAL_NAMES))
+def test_logical_function_name(value: str, ok: bool) -> None:
+    _agree(function_doc(name=value), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(DOMAINS))
+def test_domain(value: str, ok: bool) -> None:
+    _agree(vs_doc(domains=[value]), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(PATHS))
+def test_path_matcher(value: str, ok: bool) -> None:
+    _agree(vs_doc({"path": value}), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(PREFIXES))
+def test_prefix_matcher(value: str, ok: bool) -> None:
+    _agree(vs_doc({"prefix": value}), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(METHODS))
+def test_method(value: str, ok: bool) -> None:
+    _agree(vs_doc({"prefix": "/", "methods": [value]}), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(UPSTREAM_REFS))
+def test_destination_upstream(value: str, ok: bool) -> None:
+    # A name, and the same name in Gloo's {name, namespace} form.
+    _agree(vs_doc(upstream=value), ok)
+    if value:
+        _agree(vs_doc(upstream={"name": value, "namespace": "team-a"}), ok)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        pytest.param(upstream_doc(type="gcp"), id="type not aws"),
+        pytest.param({**upstream_doc(), "spec": {"type": "aws", "functions": []}}, id="no region"),
+        pytest.param(upstream_doc(functions=[{"name": "a"}]), id="function without spec"),
+        pytest.param(upstream_doc(functions=[{"spec": {"function_name": "f"}}]), id="function without name"),
+        pytest.param(
+            upstream_doc(functions=[{"name": "a", "spec": {"function_name": "f"}}] * 2),
+            id="duplicate function",
+        ),
+        pytest.param(vs_doc(routes=[]), id="no routes"),
+        pytest.param(vs_doc(domains=[]), id="empty domains"),
+        pytest.param(vs_doc(domains=["a.com", "a.com"]), id="duplicate domain"),
+        pytest.param(vs_doc({"path": "/a", "prefix": "/a"}), id="path and prefix"),
+        pytest.param(vs_doc({"methods": ["GET"]}), id="no path, prefix or regex"),
+        pytest.param(vs_doc({"regex": ""}), id="empty regex"),
+        pytest.param(vs_doc(upstream={"namespace": "team-a"}), id="upstream without name"),
+        pytest.param(
+            {"apiVersion": "lambdagate.io/v1", "kind": "VirtualService", "metadata": {"name": "x"}},
+            id="no spec",
+        ),
+    ],
+)
+def test_both_reject(doc: dict[str, Any]) -> None:
+    _agree(doc, False)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        pytest.param(vs_doc({"regex": "^/pets/(?P<id>[0-9]+)$", "methods": ["GET", "POST"]}), id="regex"),
+        pytest.param(
+            vs_doc(stage="prod", domains=["a.example.com", "b.example.com"]), id="stage and domains"
+        ),
+        pytest.param(upstream_doc(functions=[]), id="no functions"),
+        pytest.param({**upstream_doc(), "spec": {"region": "eu-west-1"}}, id="only a region"),
+    ],
+)
+def test_both_accept(doc: dict[str, Any]) -> None:
+    _agree(doc, True)
+
+
+# The CRD is deliberately stricter than the folder's validator here: Kubernetes refuses these at apply time,
+# lambdagate would accept them from a folder. (A trailing newline passes Python's `$` but not RE2's.)
+CRD_STRICTER = [
+    pytest.param(
+        vs_doc({"prefix": "/", "methods": ["get"]}), id="lower-case method (the folder upper-cases it)"
+    ),
+    pytest.param(upstream_doc(secret_ref="Not_A_Name"), id="secret_ref that cannot name a Secret"),
+    pytest.param(vs_doc(upstream="Not_A_Name"), id="upstream that cannot name an Upstream"),
+    pytest.param(vs_doc(upstream={"name": "a", "namespace": "Team_A"}), id="namespace that cannot be one"),
+    pytest.param(upstream_doc(endpoint="http://h:0"), id="endpoint port 0"),
+    pytest.param(upstream_doc(endpoint="http://my_host:80"), id="endpoint host that is not a DNS name"),
+    pytest.param(upstream_doc(endpoint=""), id="empty endpoint (the folder reads it as absent)"),
+    pytest.param(function_doc(qualifier=""), id="empty qualifier (the folder reads it as absent)"),
+    pytest.param(upstream_doc(region="us-east-1\n"), id="region with a trailing newline"),
+    pytest.param(upstream_doc(region="us-east-\u0661"), id="region with a non-ASCII digit"),
+    pytest.param(function_doc(function_name="fn\n"), id="function_name with a trailing newline"),
+    pytest.param(function_doc(qualifier="live\n"), id="qualifier with a trailing newline"),
+]
+
+
+@pytest.mark.parametrize("doc", CRD_STRICTER)
+def test_crd_is_stricter(doc: dict[str, Any]) -> None:
+    assert (python_accepts(doc), crd_accepts(doc)) == (True, False)
+
+
+def test_the_crd_cannot_see_type_errors_of_the_upstream_reference() -> None:
+    # An untyped field (string or object) accepts a number; the control plane rejects it in status.
+    doc = vs_doc(upstream=5)
+    assert (python_accepts(doc), crd_accepts(doc)) == (False, True)
+
+
+@pytest.mark.parametrize(
+    "path", [DEPLOY / "examples" / "petstore.yaml", ROOT / "examples" / "petstore" / "petstore.yaml"]
+)
+def test_examples_are_valid_for_both(path: Path) -> None:
+    docs = load_docs(path)
+    assert {d["kind"] for d in docs} == {"Secret", "Upstream", "VirtualService"}
+    for doc in docs:
+        assert python_accepts(doc), doc["metadata"]
+        if doc["kind"] != "Secret":
+            assert crd_accepts(doc), doc["metadata"]
+
+
+def test_deploy_example_uses_real_aws() -> None:
+    (up,) = [d for d in manifest("examples/petstore.yaml") if d["kind"] == "Upstream"]
+    assert "endpoint" not in up["spec"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RBAC
+
+
+def test_rbac_is_least_privilege() -> None:
+    docs = manifest("rbac.yaml")
+    cluster_rules = one(docs, "ClusterRole", "lambdagate-controlplane")["rules"]
+    ns_rules = one(docs, "Role", "lambdagate-leader-election")["rules"]
+    for rule in cluster_rules + ns_rules:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+        assert "nonResourceURLs" not in rule
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in cluster_rules:
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                granted.setdefault((group, res), set()).update(rule["verbs"])
+    read = {"get", "list", "watch"}
+    assert granted == {
+        ("lambdagate.io", "upstreams"): read,
+        ("lambdagate.io", "virtualservices"): read,
+        ("lambdagate.io", "upstreams/status"): {"patch", "update"},
+        ("lambdagate.io", "virtualservices/status"): {"patch", "update"},
+        ("", "secrets"): read,
+    }
+    # Writes only to status subresources, cluster-wide.
+    for (_, res), verbs in granted.items():
+        assert not verbs & WRITE_VERBS or res.endswith("/status"), res
+    # Leader election: the one Lease, in our namespace only (create cannot be limited to a name).
+    assert ns_rules == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [KubeSettings().lease_name],
+            "verbs": ["get", "update"],
+        },
+    ]
+
+
+def test_rbac_bindings_name_the_service_account() -> None:
+    docs = manifest("rbac.yaml")
+    one(docs, "ServiceAccount", "lambdagate")
+    for kind, name, role_kind in [
+        ("ClusterRoleBinding", "lambdagate-controlplane", "ClusterRole"),
+        ("RoleBinding", "lambdagate-leader-election", "Role"),
+    ]:
+        binding = one(docs, kind, name)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": role_kind,
+            "name": name,
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "lambdagate", "namespace": NAMESPACE}
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kustomization (kubectl 1.20 embeds kustomize v2.0.3)
+
+KUSTOMIZE_V2_0_3_FIELDS = {
+    "apiVersion",
+    "kind",
+    "namespace",
+    "namePrefix",
+    "nameSuffix",
+    "commonLabels",
+    "commonAnnotations",
+    "resources",
+    "bases",
+    "configMapGenerator",
+    "secretGenerator",
+    "generatorOptions",
+    "images",
+    "patchesStrategicMerge",
+    "patchesJson6902",
+    "crds",
+    "vars",
+    "configurations",
+}
+
+
+@pytest.mark.parametrize("folder", [DEPLOY, ENVOY], ids=["deploy", "envoy"])
+def test_kustomization_uses_kustomize_v2_0_3_fields_only(folder: Path) -> None:
+    (k,) = load_docs(folder / "kustomization.yaml")
+    assert set(k) <= KUSTOMIZE_V2_0_3_FIELDS, set(k) - KUSTOMIZE_V2_0_3_FIELDS
+    # v2.0.3 takes folders only under `bases`, files only under `resources`.
+    for res in k.get("resources", []):
+        assert (folder / res).is_file(), res
+    for base in k.get("bases", []):
+        assert (folder / base / "kustomization.yaml").is_file(), base
+    for gen in k.get("configMapGenerator", []):
+        for entry in gen.get("files", []):
+            assert (folder / entry.split("=", 1)[-1]).is_file(), entry
+
+
+def test_kustomization_covers_the_manifests() -> None:
+    k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert k["namespace"] == NAMESPACE
+    assert k["bases"] == ["../envoy"]
+    listed = {DEPLOY / r for r in k["resources"]}
+    manifests = {
+        p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml" and "examples" not in p.parts
+    }
+    assert listed == manifests
+    ns = one(manifest("namespace.yaml"), "Namespace", NAMESPACE)
+    assert ns["apiVersion"] == "v1"
+    assert [i["name"] for i in k["images"]] == ["lambdagate"]
+
+
+def test_envoy_configmap_is_what_the_gateway_mounts() -> None:
+    (k,) = load_docs(ENVOY / "kustomization.yaml")
+    (gen,) = k["configMapGenerator"]
+    assert gen["files"] == ["bootstrap.yaml=bootstrap-kubernetes.yaml"]
+    pod = one(manifest("gateway.yaml"), "Deployment", "lambdagate-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (envoy,) = pod["containers"]
+    mount = next(m for m in envoy["volumeMounts"] if volumes[m["name"]].get("configMap"))
+    assert volumes[mount["name"]]["configMap"]["name"] == gen["name"]
+    args = envoy["args"]
+    assert args[args.index("-c") + 1] == f"{mount['mountPath']}/bootstrap.yaml"
+    assert "--disable-hot-restart" in args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def _workloads() -> list[dict[str, Any]]:
+    return [
+        d for f in ("controlplane.yaml", "gateway.yaml") for d in manifest(f) if d["kind"] == "Deployment"
+    ]
+
+
+@pytest.mark.parametrize("name", ["lambdagate-controlplane", "lambdagate-gateway"])
+def test_deployment_is_hardened(name: str) -> None:
+    dep = one(_workloads(), "Deployment", name)
+    assert dep["spec"]["replicas"] >= 2
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+        assert c.get("readinessProbe")
+    # Selectors select the pod template.
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_services_select_their_pods() -> None:
+    for file, dep_name, svc_name in [
+        ("controlplane.yaml", "lambdagate-controlplane", XDS_SERVICE),
+        ("gateway.yaml", "lambdagate-gateway", "lambdagate-gateway"),
+    ]:
+        docs = manifest(file)
+        pod = one(docs, "Deployment", dep_name)["spec"]["template"]
+        svc = one(docs, "Service", svc_name)
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        port_names = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+    (xds_port,) = one(manifest("controlplane.yaml"), "Service", XDS_SERVICE)["spec"]["ports"]
+    assert (xds_port["name"], xds_port["port"], xds_port["appProtocol"]) == ("grpc", XDS_PORT, "grpc")
+    (http,) = one(manifest("gateway.yaml"), "Service", "lambdagate-gateway")["spec"]["ports"]
+    assert (http["port"], http["targetPort"]) == (80, "http")
+
+
+def test_controlplane_command_line() -> None:
+    dep = one(manifest("controlplane.yaml"), "Deployment", "lambdagate-controlplane")
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "lambdagate"
+    (c,) = pod["containers"]
+    args = c["args"]
+    ns = build_parser().parse_args(args)
+    assert ns.command == "serve" and ns.kubernetes and ns.config_dir is None
+    assert not ns.no_leader_election
+    # The Lease goes in the pod's namespace (--lease-namespace defaults to $POD_NAMESPACE).
+    (env,) = c["env"]
+    assert (env["name"], env["valueFrom"]["fieldRef"]["fieldPath"]) == ("POD_NAMESPACE", "metadata.namespace")
+    assert ns.grpc_address == ("0.0.0.0", XDS_PORT)
+    assert ns.extproc_address == (XDS_HOST, XDS_PORT)
+    assert (ns.listen_address, ns.listen_port) == ("0.0.0.0", 8080)
+    gateway = one(manifest("gateway.yaml"), "Deployment", "lambdagate-gateway")
+    (envoy,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert {p["containerPort"] for p in envoy["ports"]} == {ns.listen_port}
+    assert c["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+    assert c["readinessProbe"]["exec"]["command"] == ["lambdagate-grpc-health", f"127.0.0.1:{XDS_PORT}"]
+
+
+def test_dockerfile() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert any(re.fullmatch(r"RUN pip install --no-cache-dir \..*", line) for line in lines)
+    assert "COPY deploy/grpc_health_probe.py /usr/local/bin/lambdagate-grpc-health" in lines
+    (user,) = [line for line in lines if line.startswith("USER ")]
+    uid = user.split()[1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0  # numeric, so runAsNonRoot can check it
+    assert [line for line in lines if line.startswith("ENTRYPOINT")] == ['ENTRYPOINT ["lambdagate"]']
+    # The build context (repo root) passes only what the COPY lines need.
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    for line in lines:
+        if line.startswith("COPY "):
+            for src in shlex.split(line)[1:-1]:
+                assert f"!{src}" in ignore or f"!{src}/" in ignore, src
+    for path in ("pyproject.toml", "README.md", "controlplane", "discovery"):
+        assert (ROOT / path).exists()
+
+
+def test_sidecar_example_has_a_node_id_per_pod() -> None:
+    docs = manifest("examples/sidecar.yaml")
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    containers = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
+    envoy = containers["envoy"]
+    args = envoy["args"]
+    assert args[args.index("--service-node") + 1] == "$(POD_NAMESPACE)/$(POD_NAME)"
+    assert {e["name"] for e in envoy["env"]} == {"POD_NAME", "POD_NAMESPACE"}
+    assert all("namespace" not in d["metadata"] for d in docs)  # applied in the app's namespace
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The readiness probe script
+
+
+def _load_probe() -> Any:
+    spec = importlib.util.spec_from_file_location("grpc_health_probe", DEPLOY / "grpc_health_probe.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readiness_probe_follows_grpc_health() -> None:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    probe = _load_probe()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert probe.main(["probe", target]) == 1
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert probe.main(["probe", target]) == 0
+    finally:
+        server.stop(None)
+    assert probe.main(["probe", target]) == 1  # nothing listening
