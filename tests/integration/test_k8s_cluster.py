@@ -1,5 +1,5 @@
 """Smoke test of the real Kubernetes API server from tests/k8s: kubectl as admin and as lambdagate's ServiceAccount.
-The first run on a machine builds kube-apiserver v1.20.2 from Debian's source (about 4 minutes), then it is cached."""
+The first run on a machine builds kube-apiserver v1.20.2 from Debian's source (4 to 11 minutes), then it is cached."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ssl
 import uuid
 
 from harness import wait_until
-from k8s.cluster import SA_NAMESPACE, SA_USERNAME, KubeCluster
+from k8s.cluster import SA_NAME, SA_NAMESPACE, SA_USERNAME, KubeCluster
 from k8s.fixtures import kube_cluster  # noqa: F401  (pytest finds fixtures by name in this module)
 
 
@@ -40,16 +40,19 @@ def test_service_account_is_forbidden_until_rbac_allows(kube_cluster: KubeCluste
     # The token's identity is what RBAC calls a ServiceAccount subject, so a RoleBinding to it takes effect.
     ns = _namespace(kube_cluster)
     kube_cluster.kubectl("-n", ns, "create", "configmap", "visible", "--from-literal=key=value")
-    kube_cluster.kubectl("-n", ns, "create", "role", "read-configmaps", "--verb=get,list", "--resource=configmaps")
     kube_cluster.kubectl(
-        "-n", ns, "create", "rolebinding", "lambdagate-reads",
-        "--role=read-configmaps", f"--serviceaccount={SA_NAMESPACE}:lambdagate",
+        *f"-n {ns} create role read-configmaps --verb=get,list --resource=configmaps".split()
     )
+    kube_cluster.kubectl(
+        *f"-n {ns} create rolebinding lambdagate-reads --role=read-configmaps".split(),
+        f"--serviceaccount={SA_NAMESPACE}:{SA_NAME}",
+    )
+    as_sa = kube_cluster.kubeconfig_sa
     allowed = kube_cluster.kubectl(
-        "-n", ns, "get", "configmap", "visible", "-o", "jsonpath={.data.key}", kubeconfig=kube_cluster.kubeconfig_sa
+        *f"-n {ns} get configmap visible -o jsonpath={{.data.key}}".split(), kubeconfig=as_sa
     )
     assert allowed.stdout == "value"
-    still_denied = kube_cluster.kubectl("get", "secrets", "-A", kubeconfig=kube_cluster.kubeconfig_sa, check=False)
+    still_denied = kube_cluster.kubectl("get", "secrets", "-A", kubeconfig=as_sa, check=False)
     assert "Forbidden" in still_denied.stderr
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds (once) a real kube-apiserver v1.20.2 from Debian bookworm's source and caches it, with a matching kubectl, outside the repo.
-# Idempotent and safe to run concurrently; the last stdout line is the kube-apiserver path. Progress goes to stderr.
+# Builds (once) kube-apiserver v1.20.2 from Debian bookworm's source; caches it and a matching kubectl outside the repo.
+# Idempotent and safe to run concurrently; the last stdout line is the kube-apiserver path, progress goes to stderr.
 set -Eeuo pipefail
 
 K8S_VERSION=v1.20.2
@@ -87,7 +87,7 @@ build_apiserver() {
     work="$(mktemp -d "$CACHE/build.XXXXXX")"
     # The source tree and Go build cache are several GB; they go whether the build succeeds or not.
     trap 'rm -rf "$work"' EXIT
-    log "building kube-apiserver $K8S_VERSION in $work (first run only; about 4 minutes on 2 cores)"
+    log "building kube-apiserver $K8S_VERSION in $work (first run only; 4 to 11 minutes on 2 cores)"
     cd "$work"
     if ! apt-get source -q --download-only "kubernetes=$DEB_SRC_VERSION" >&2; then
         # The archive keeps only the newest security update; any bookworm revision of 1.20.2 will do.

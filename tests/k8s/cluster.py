@@ -1,5 +1,5 @@
 """KubeCluster: etcd plus a real kube-apiserver v1.20.2 on free 127.0.0.1 ports, with TLS, token auth and RBAC.
-The first use builds kube-apiserver from Debian's source with build-apiserver.sh (about 4 minutes); later uses reuse the cache."""
+The first use on a machine builds kube-apiserver with build-apiserver.sh (4 to 11 minutes); later uses reuse it."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def ensure_binaries() -> Binaries:
         return found
     print(
         f"k8s: kube-apiserver {K8S_VERSION} is not cached in {cache_dir()}; running {BUILD_SCRIPT}.\n"
-        "k8s: the first run installs apt packages and builds it from source: about 4 minutes on 2 cores.",
+        "k8s: the first run installs apt packages and builds it from source: 4 to 11 minutes on 2 cores.",
         file=sys.stderr,
         flush=True,
     )
@@ -286,15 +286,18 @@ class KubeCluster:
     def _make_credentials(self) -> None:
         d = self.workdir
         (d / "openssl.cnf").write_text(_OPENSSL_CNF)
-        self._openssl("req", "-x509", "-config", "openssl.cnf", "-extensions", "ca_ext", "-newkey", "rsa:2048",
-                      "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "7", "-subj", "/CN=lambdagate-test-ca")
-        self._openssl("req", "-new", "-config", "openssl.cnf", "-newkey", "rsa:2048", "-nodes",
-                      "-keyout", "apiserver.key", "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver")
-        self._openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                      "-set_serial", str(secrets.randbits(63)), "-days", "7", "-sha256",
-                      "-extfile", "openssl.cnf", "-extensions", "server_ext", "-out", "apiserver.crt")
-        self._openssl("genrsa", "-out", "sa.key", "2048")
-        self._openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+        serial = secrets.randbits(63)
+        for command in (
+            "req -x509 -config openssl.cnf -extensions ca_ext -newkey rsa:2048 -nodes -days 7"
+            " -keyout ca.key -out ca.crt -subj /CN=lambdagate-test-ca",
+            "req -new -config openssl.cnf -newkey rsa:2048 -nodes"
+            " -keyout apiserver.key -out apiserver.csr -subj /CN=kube-apiserver",
+            f"x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -set_serial {serial} -days 7 -sha256"
+            " -extfile openssl.cnf -extensions server_ext -out apiserver.crt",
+            "genrsa -out sa.key 2048",
+            "rsa -in sa.key -pubout -out sa.pub",
+        ):
+            self._openssl(*command.split())
         self.ca_file = d / "ca.crt"
         self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
 
@@ -420,9 +423,19 @@ class KubeCluster:
             config = {
                 "apiVersion": "v1",
                 "kind": "Config",
-                "clusters": [{"name": "lambdagate-test", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
+                "clusters": [
+                    {
+                        "name": "lambdagate-test",
+                        "cluster": {"server": self.server, "certificate-authority-data": ca_data},
+                    }
+                ],
                 "users": [{"name": user, "user": {"token": token}}],
-                "contexts": [{"name": user, "context": {"cluster": "lambdagate-test", "user": user, "namespace": namespace}}],
+                "contexts": [
+                    {
+                        "name": user,
+                        "context": {"cluster": "lambdagate-test", "user": user, "namespace": namespace},
+                    }
+                ],
                 "current-context": user,
             }
             path.write_text(json.dumps(config, indent=2))
