@@ -133,7 +133,9 @@ class ControlPlane:
         if self.server is None:
             await self.start()
         self._stop = stop
-        self._tasks.append(asyncio.create_task(self.source.watch(self.apply, stop=stop)))
+        watcher = asyncio.create_task(self.source.watch(self.apply, stop=stop))
+        watcher.add_done_callback(_log_failure)
+        self._tasks.append(watcher)
         try:
             await stop.wait()
         finally:
@@ -155,3 +157,9 @@ class ControlPlane:
             await asyncio.to_thread(self.default_chain.load)
             self._chain_task = asyncio.create_task(self.default_chain.keep_fresh(stop))
             self._tasks.append(self._chain_task)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # Without this a dead source would go unnoticed until shutdown: Envoy keeps its last config, nothing updates.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the configuration source stopped: %r", task.exception(), exc_info=task.exception())

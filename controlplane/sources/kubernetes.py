@@ -381,9 +381,12 @@ class KubernetesSource:
                     # Let a burst of events (a relist, a kubectl apply of many objects) settle into one reload.
                     await asyncio.sleep(self.settings.debounce_s)
                     self._changed.clear()
-                    result = self.load()
-                    self._follow_secrets(result)
-                    await on_change(result)
+                    try:
+                        result = self.load()
+                        self._follow_secrets(result)
+                        await on_change(result)
+                    except Exception:  # a bug here must not end the watching; the next change retries
+                        log.exception("applying the cluster's configuration failed")
                 else:
                     changed.cancel()
                 # Also on the timer: a replica that just became leader writes what the old one left undone.
@@ -520,6 +523,8 @@ class KubernetesSource:
             except KubeError as err:
                 if err.status != 404:  # deleted meanwhile: nothing to report on
                     log.warning("%s: writing status failed: %s", key, err)
+            except Exception as err:  # noqa: BLE001 - a dropped connection: the timer tries again
+                log.warning("%s: writing status failed: %s: %s", key, type(err).__name__, err)
 
 
 def _as_document(kind: str, raw: dict[str, Any]) -> dict[str, Any]:

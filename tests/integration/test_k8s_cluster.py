@@ -33,7 +33,10 @@ def test_admin_reaches_the_apiserver(kube_cluster: KubeCluster) -> None:  # noqa
 
 
 def test_service_account_is_forbidden_until_rbac_allows(kube_cluster: KubeCluster) -> None:  # noqa: F811
-    denied = kube_cluster.kubectl("get", "secrets", "-A", kubeconfig=kube_cluster.kubeconfig_sa, check=False)
+    # ConfigMaps cluster-wide: something no RBAC here (deploy/ included) grants the ServiceAccount.
+    denied = kube_cluster.kubectl(
+        "get", "configmaps", "-A", kubeconfig=kube_cluster.kubeconfig_sa, check=False
+    )
     assert denied.returncode != 0
     assert "Forbidden" in denied.stderr and SA_USERNAME in denied.stderr, denied.stderr
 
@@ -52,7 +55,7 @@ def test_service_account_is_forbidden_until_rbac_allows(kube_cluster: KubeCluste
         *f"-n {ns} get configmap visible -o jsonpath={{.data.key}}".split(), kubeconfig=as_sa
     )
     assert allowed.stdout == "value"
-    still_denied = kube_cluster.kubectl("get", "secrets", "-A", kubeconfig=as_sa, check=False)
+    still_denied = kube_cluster.kubectl("get", "configmaps", "-A", kubeconfig=as_sa, check=False)
     assert "Forbidden" in still_denied.stderr
 
 

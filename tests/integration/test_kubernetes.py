@@ -82,6 +82,12 @@ def installed(kube_cluster: KubeCluster) -> KubeCluster:  # noqa: F811
     kube_cluster.kubectl("apply", "-k", str(ROOT / "deploy"))
     for crd in ("upstreams.lambdagate.io", "virtualservices.lambdagate.io"):
         kube_cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+    # Established can come a moment before the new API answers; wait for it, as a controller would.
+    wait_until(
+        lambda: kube_cluster.kubectl("get", "upstreams,virtualservices", "-A", check=False).returncode == 0,
+        30,
+        what="the lambdagate.io API to be served",
+    )
     kube_cluster.kubectl("create", "namespace", NS, check=False)
     return kube_cluster
 
@@ -153,7 +159,7 @@ def test_applied_resources_are_routed_and_get_status(stack: Stack) -> None:
 
 
 def test_edits_bad_edits_and_deletes(stack: Stack) -> None:
-    wait_until(lambda: http("GET", stack.base + "/hello").status == 200, 10, what="first route")
+    wait_until(lambda: http("GET", stack.base + "/hello").status == 200, 30, what="first route")
     stack.cluster.kubectl("apply", "-f", "-", input=manifest(route_fn="bye", prefix="/bye"))
     wait_until(lambda: http("GET", stack.base + "/bye").status == 200, 5, what="the edited route")
     assert http("GET", stack.base + "/bye").json()["fn"] == "bye"
@@ -180,14 +186,40 @@ def test_edits_bad_edits_and_deletes(stack: Stack) -> None:
 
 
 def test_rotated_secret_and_interrupted_watch(stack: Stack) -> None:
-    wait_until(lambda: http("GET", stack.base + "/hello").status == 200, 10, what="first route")
+    wait_until(lambda: http("GET", stack.base + "/hello").status == 200, 30, what="first route")
     stack.cluster.kubectl("apply", "-f", "-", input=manifest(secret_key="rotated-wrong-key"))
     wait_until(lambda: http("GET", stack.base + "/hello").status == 502, 5, what="the rotated (wrong) key")
     assert "signature" in http("GET", stack.base + "/hello").json()["message"]
 
     # The API server goes away and comes back: watches reconnect and pick up what changed meanwhile.
+    upstream_watch = stack.cp.source._watchers["Upstream"]
+    lists_before = upstream_watch.relists
     stack.cluster.restart_apiserver()
     stack.cluster.kubectl("apply", "-f", "-", input=manifest())
     wait_until(
         lambda: http("GET", stack.base + "/hello").status == 200, 30, what="the change made after the restart"
     )
+    # A fresh apiserver's watch cache starts at the current revision, so resuming from an older resourceVersion
+    # is answered 410 Gone: the watcher had to list again rather than give up or loop.
+    assert upstream_watch.relists > lists_before
+
+
+def test_the_example_applies_and_earns_its_state(stack: Stack) -> None:
+    ns = "petstore-example"
+    # The example claims the domain "*", as the test VirtualService does: one domain, one VirtualService.
+    stack.cluster.kubectl("delete", "virtualservice", "api", "-n", NS)
+    stack.cluster.kubectl("create", "namespace", ns, check=False)
+    stack.cluster.kubectl("apply", "-n", ns, "-f", str(ROOT / "deploy" / "examples" / "petstore.yaml"))
+
+    def states() -> dict[str, str]:
+        out = json.loads(
+            stack.cluster.kubectl("get", "upstreams,virtualservices", "-n", ns, "-o", "json").stdout
+        )
+        return {i["metadata"]["name"]: (i.get("status") or {}).get("state", "") for i in out["items"]}
+
+    wait_until(
+        lambda: set(states().values()) == {"Accepted"}, 30, what="the example's objects to be Accepted"
+    )
+    table = stack.cluster.kubectl("get", "upstreams", "-n", ns).stdout.splitlines()
+    assert table[0].split()[:6] == ["NAME", "TYPE", "REGION", "FUNCTIONS", "STATE", "AGE"]
+    assert table[1].split()[:5] == ["petstore-lambdas", "aws", "us-east-1", "4", "Accepted"]

@@ -16,16 +16,28 @@ def b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
 
-SECRET = {"metadata": {"name": "aws", "namespace": "team", "resourceVersion": "5"},
-          "data": {"access_key": b64("AKIDK8S"), "secret_key": b64("k8s-secret"), "unrelated": b64("x")},
-          "type": "Opaque"}
-UPSTREAM = {"metadata": {"name": "lambdas", "namespace": "team", "generation": 3},
-            "spec": {"type": "aws", "region": "us-east-1", "secret_ref": "aws",
-                     "functions": [{"name": "f", "spec": {"function_name": "fn"}}]},
-            "status": {"state": "Accepted"}}
-VS = {"metadata": {"name": "api", "namespace": "team", "generation": 7},
-      "spec": {"domains": ["*"], "routes": [{"matcher": {"prefix": "/"},
-                                              "destination": {"upstream": "lambdas", "function": "f"}}]}}
+SECRET = {
+    "metadata": {"name": "aws", "namespace": "team", "resourceVersion": "5"},
+    "data": {"access_key": b64("AKIDK8S"), "secret_key": b64("k8s-secret"), "unrelated": b64("x")},
+    "type": "Opaque",
+}
+UPSTREAM = {
+    "metadata": {"name": "lambdas", "namespace": "team", "generation": 3},
+    "spec": {
+        "type": "aws",
+        "region": "us-east-1",
+        "secret_ref": "aws",
+        "functions": [{"name": "f", "spec": {"function_name": "fn"}}],
+    },
+    "status": {"state": "Accepted"},
+}
+VS = {
+    "metadata": {"name": "api", "namespace": "team", "generation": 7},
+    "spec": {
+        "domains": ["*"],
+        "routes": [{"matcher": {"prefix": "/"}, "destination": {"upstream": "lambdas", "function": "f"}}],
+    },
+}
 
 
 def source_with(*objects: tuple[str, dict]) -> KubernetesSource:
@@ -58,8 +70,13 @@ def test_rejections_name_the_field_and_keep_the_good_objects() -> None:
     no_secret = copy.deepcopy(UPSTREAM)
     no_secret["metadata"]["name"] = "orphan"
     no_secret["spec"]["secret_ref"] = "missing"
-    src = source_with(("Secret", SECRET), ("Upstream", UPSTREAM), ("VirtualService", VS),
-                      ("VirtualService", bad_vs), ("Upstream", no_secret))
+    src = source_with(
+        ("Secret", SECRET),
+        ("Upstream", UPSTREAM),
+        ("VirtualService", VS),
+        ("VirtualService", bad_vs),
+        ("Upstream", no_secret),
+    )
     result = src.load()
     assert [v.name for v in result.config.virtual_services] == ["api"]
     broken = ObjectKey("VirtualService", "team", "broken")
