@@ -70,12 +70,12 @@ def parse_document(doc: Any, *, default_namespace: str = DEFAULT_NAMESPACE) -> R
     api_version = doc.get("apiVersion")
     meta = _mapping(doc.get("metadata"), "metadata", required=True)
     name = _str(meta.get("name"), "metadata.name", required=True)
-    if not DNS_LABEL_RE.match(name) or len(name) > 253:
+    if not DNS_LABEL_RE.fullmatch(name) or len(name) > 253:
         raise ConfigError(
             f"{name!r} is not a valid name: lowercase letters, digits, '-' and '.'", field="metadata.name"
         )
     namespace = _str(meta.get("namespace"), "metadata.namespace") or default_namespace
-    if not NAMESPACE_RE.match(namespace):
+    if not NAMESPACE_RE.fullmatch(namespace):
         raise ConfigError(
             f"{namespace!r} is not a valid namespace: lowercase letters, digits and '-', at most 63",
             field="metadata.namespace",
@@ -142,7 +142,7 @@ def _parse_upstream(spec: dict[str, Any], name: str, namespace: str, generation:
     if utype != "aws":
         raise ConfigError(f"unsupported upstream type {utype!r}; only 'aws' is supported", field="spec.type")
     region = _str(spec.get("region"), "spec.region", required=True)
-    if not REGION_RE.match(region):
+    if not REGION_RE.fullmatch(region):
         raise ConfigError(f"{region!r} is not an AWS region such as us-east-1", field="spec.region")
     secret_ref = _str(spec.get("secret_ref"), "spec.secret_ref") or None
     endpoint = _parse_endpoint(spec.get("endpoint"))
@@ -194,19 +194,19 @@ def _parse_function(raw: Any, path: str) -> Function:
     fn = _mapping(raw, path, required=True)
     _no_unknown(fn, ("name", "spec"), path)
     name = _str(fn.get("name"), f"{path}.name", required=True)
-    if not LOGICAL_NAME_RE.match(name):
+    if not LOGICAL_NAME_RE.fullmatch(name):
         raise ConfigError(f"{name!r} is not a valid function name", field=f"{path}.name")
     spec = _mapping(fn.get("spec"), f"{path}.spec", required=True)
     _no_unknown(spec, ("function_name", "qualifier"), f"{path}.spec")
     function_name = _str(spec.get("function_name"), f"{path}.spec.function_name", required=True)
-    if not FUNCTION_NAME_RE.match(function_name) or len(function_name) > 170:
+    if not FUNCTION_NAME_RE.fullmatch(function_name) or len(function_name) > 170:
         raise ConfigError(
             f"{function_name!r} is not a Lambda function name: use a name, name:qualifier, "
             "a full ARN or a partial ARN (123456789012:function:name)",
             field=f"{path}.spec.function_name",
         )
     qualifier = _str(spec.get("qualifier"), f"{path}.spec.qualifier") or None
-    if qualifier is not None and not QUALIFIER_RE.match(qualifier):
+    if qualifier is not None and not QUALIFIER_RE.fullmatch(qualifier):
         raise ConfigError(f"{qualifier!r} is not a version, alias or $LATEST", field=f"{path}.spec.qualifier")
     base, embedded = split_function_name(function_name)
     if embedded is not None:
@@ -232,7 +232,7 @@ def _parse_virtual_service(
     domains: list[str] = []
     for i, d in enumerate(raw_domains):
         d = _str(d, f"spec.domains[{i}]", required=True).lower()
-        if not re.match(r"^(\*|\*[.-]?[a-z0-9.-]+|[a-z0-9.-]+\*?|[a-z0-9.-]+)(:\d+|:\*)?$", d):
+        if not re.fullmatch(r"(\*|\*[.-]?[a-z0-9.-]+|[a-z0-9.-]+\*?|[a-z0-9.-]+)(:[0-9]+|:\*)?", d):
             raise ConfigError(f"{d!r} is not a host name or wildcard", field=f"spec.domains[{i}]")
         if d in domains:
             raise ConfigError(f"duplicate domain {d!r}", field=f"spec.domains[{i}]")

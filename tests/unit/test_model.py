@@ -889,3 +889,18 @@ def test_regexes_envoy_would_refuse_are_rejected_per_route(matcher, field, words
     with pytest.raises(ConfigError) as info:
         parse_document(doc)
     assert words in str(info.value) and f"spec.routes[0].matcher.{field}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "spec_change, field",
+    [
+        ({"region": "us-east-1\n"}, "spec.region"),
+        ({"region": "us-east-\u0661"}, "spec.region"),  # an Arabic-Indic digit is not a region digit
+        ({"functions": [{"name": "f", "spec": {"function_name": "fn\n"}}]}, "function_name"),
+        ({"functions": [{"name": "f", "spec": {"function_name": "fn", "qualifier": "live\n"}}]}, "qualifier"),
+    ],
+)
+def test_trailing_newlines_and_unicode_digits_are_rejected(spec_change, field):
+    with pytest.raises(ConfigError) as info:
+        parse_document(upstream_doc(**spec_change))
+    assert field in str(info.value)
