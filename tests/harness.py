@@ -28,6 +28,23 @@ from controlplane.cli import envoy_binary
 
 T = TypeVar("T")
 
+# One Upstream with one function behind one prefix route: enough for protocol and NACK tests.
+MINIMAL_CONFIG = """
+apiVersion: lambdagate.io/v1
+kind: Upstream
+metadata: {name: up}
+spec:
+  region: us-east-1
+  endpoint: http://127.0.0.1:9
+  functions: [{name: f, spec: {function_name: fn}}]
+---
+apiVersion: lambdagate.io/v1
+kind: VirtualService
+metadata: {name: vs}
+spec:
+  routes: [{matcher: {prefix: /a}, destination: {upstream: up, function: f}}]
+"""
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

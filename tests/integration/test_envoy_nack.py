@@ -8,24 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import MINIMAL_CONFIG as CONFIG
 from harness import Envoy, LoopThread, control_plane, wait_until
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-CONFIG = """
-apiVersion: lambdagate.io/v1
-kind: Upstream
-metadata: {name: up}
-spec:
-  region: us-east-1
-  endpoint: http://127.0.0.1:9
-  functions: [{name: f, spec: {function_name: fn}}]
----
-apiVersion: lambdagate.io/v1
-kind: VirtualService
-metadata: {name: vs}
-spec:
-  routes: [{matcher: {prefix: /}, destination: {upstream: up, function: f}}]
-"""
 
 
 def test_listener_envoy_cannot_bind_is_nacked_once(

@@ -13,27 +13,13 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
-from harness import control_plane, wait_until
+from harness import MINIMAL_CONFIG, control_plane, wait_until
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
-CONFIG = """
-apiVersion: lambdagate.io/v1
-kind: Upstream
-metadata: {name: up}
-spec:
-  region: us-east-1
-  endpoint: http://127.0.0.1:9
-  functions: [{name: f, spec: {function_name: fn}}]
----
-apiVersion: lambdagate.io/v1
-kind: VirtualService
-metadata: {name: vs}
-spec:
-  routes: [{matcher: {prefix: /a}, destination: {upstream: up, function: f}}]
-"""
+CONFIG = MINIMAL_CONFIG
 
 
 class FakeEnvoy:
