@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +28,10 @@ log = logging.getLogger("lambdagate.sources.kubernetes")
 GROUP = "lambdagate.io"
 VERSION = "v1"
 PLURALS = {KIND_UPSTREAM: "upstreams", KIND_VIRTUAL_SERVICE: "virtualservices"}
-STATUS_RECHECK_S = 5.0
+# How often the loop wakes without events: to write status as a new leader, or to stop waiting for a watch.
+SYNC_RECHECK_S = 1.0
+# A watch that has not listed within this long (forbidden, CRD missing) is not waited for any more.
+SYNC_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -174,9 +178,14 @@ class Watcher:
         self._response: Any = None
         self._thread = threading.Thread(target=self._run, name=f"watch {self.name}", daemon=True)
         self.relists = 0
+        self._started = 0.0
 
     def start(self) -> None:
+        self._started = time.monotonic()
         self._thread.start()
+
+    def young(self) -> bool:
+        return time.monotonic() - self._started < SYNC_WAIT_S
 
     def stop(self) -> None:
         self._stop.set()
@@ -297,6 +306,7 @@ class KubernetesSource:
         self._watchers: dict[str, Watcher] = {}
         self._secret_watchers: dict[ObjectKey, Watcher] = {}
         self._written: dict[ObjectKey, dict[str, Any]] = {}
+        self._listed: set[str] = set()
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Only the leader writes status when several replicas run; None means "always write".
@@ -316,17 +326,23 @@ class KubernetesSource:
 
     # --- events from watcher threads ---------------------------------------------------------------------
 
-    def _emitter(self, kind: str, namespace: str | None, name: str | None = None) -> Callable[..., None]:
+    def _emitter(
+        self, watch_name: str, kind: str, namespace: str | None, name: str | None = None
+    ) -> Callable[..., None]:
         def emit(event: str, payload: Any) -> None:
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._apply_event, kind, namespace, name, event, payload)
+            self._loop.call_soon_threadsafe(
+                self._apply_event, watch_name, kind, namespace, name, event, payload
+            )
 
         return emit
 
     def _apply_event(
-        self, kind: str, namespace: str | None, name: str | None, event: str, payload: Any
+        self, watch_name: str, kind: str, namespace: str | None, name: str | None, event: str, payload: Any
     ) -> None:
         if event == "LIST":
+            # Recorded here, on the loop, so "listed" never runs ahead of the store it filled.
+            self._listed.add(watch_name)
             self._store.replace(kind, namespace, payload, name=name)
         elif event == "DELETED":
             self._store.delete(kind, payload)
@@ -351,7 +367,7 @@ class KubernetesSource:
             w = Watcher(
                 self.client,
                 self._collection(kind),
-                self._emitter(kind, self.settings.namespace),
+                self._emitter(PLURALS[kind], kind, self.settings.namespace),
                 self.settings,
                 name=PLURALS[kind],
             )
@@ -367,12 +383,13 @@ class KubernetesSource:
             self.is_leader = elector.is_leader
             elector.start()
         stopper = asyncio.create_task(stop.wait())
-        result: LoadResult | None = None
+        applied: LoadResult | None = None
+        dirty = False
         try:
             while not stop.is_set():
                 changed = asyncio.create_task(self._changed.wait())
                 done, _ = await asyncio.wait(
-                    {changed, stopper}, timeout=STATUS_RECHECK_S, return_when=asyncio.FIRST_COMPLETED
+                    {changed, stopper}, timeout=SYNC_RECHECK_S, return_when=asyncio.FIRST_COMPLETED
                 )
                 if stopper in done:
                     changed.cancel()
@@ -381,21 +398,26 @@ class KubernetesSource:
                     # Let a burst of events (a relist, a kubectl apply of many objects) settle into one reload.
                     await asyncio.sleep(self.settings.debounce_s)
                     self._changed.clear()
-                    try:
-                        result = self.load()
-                        self._follow_secrets(result)
-                        await on_change(result)
-                    except Exception:  # a bug here must not end the watching; the next change retries
-                        log.exception("applying the cluster's configuration failed")
+                    dirty = True
                 else:
                     changed.cancel()
+                # Until every watch has listed once, a config would be partial: a Secret "missing" only because
+                # its watch has not answered yet would reject its Upstream, in Envoy and in status.
+                if dirty and not self._syncing():
+                    try:
+                        result = self.load()
+                        if not self._follow_secrets(result):
+                            await on_change(result)
+                            applied, dirty = result, False
+                    except Exception:  # a bug here must not end the watching; the next change retries
+                        log.exception("applying the cluster's configuration failed")
                 # Also on the timer: a replica that just became leader writes what the old one left undone.
                 if (
-                    result is not None
+                    applied is not None
                     and self.settings.write_status
                     and (self.is_leader is None or self.is_leader())
                 ):
-                    await asyncio.to_thread(self.write_status, result)
+                    await asyncio.to_thread(self.write_status, applied)
         finally:
             stopper.cancel()
             if elector is not None:
@@ -406,8 +428,11 @@ class KubernetesSource:
             for w in watchers:
                 await asyncio.to_thread(w.join, 5)
 
-    def _follow_secrets(self, result: LoadResult) -> None:
-        """Watch exactly the Secrets that Upstreams name, each by name: never every Secret in the cluster."""
+    def _follow_secrets(self, result: LoadResult) -> bool:
+        """Watch exactly the Secrets that Upstreams name, each by name: never every Secret in the cluster.
+
+        Returns whether it started a watch, whose first listing the caller should wait for.
+        """
         assert self.client is not None
         wanted = set()
         for key, raw in self._store.objects.items():
@@ -417,21 +442,30 @@ class KubernetesSource:
                     wanted.add(ObjectKey(KIND_SECRET, key.namespace, ref))
         for key in list(self._secret_watchers):
             if key not in wanted:
-                self._secret_watchers.pop(key).stop()
+                stopped = self._secret_watchers.pop(key)
+                stopped.stop()
+                self._listed.discard(stopped.name)
                 self._store.replace(KIND_SECRET, key.namespace, [], name=key.name)
                 assert self._changed is not None
                 self._changed.set()
-        for key in wanted - set(self._secret_watchers):
+        new = wanted - set(self._secret_watchers)
+        for key in new:
             w = Watcher(
                 self.client,
                 f"/api/v1/namespaces/{key.namespace}/secrets",
-                self._emitter(KIND_SECRET, key.namespace, key.name),
+                self._emitter(f"secret {key.namespace}/{key.name}", KIND_SECRET, key.namespace, key.name),
                 self.settings,
                 field_selector=f"metadata.name={key.name}",
                 name=f"secret {key.namespace}/{key.name}",
             )
             self._secret_watchers[key] = w
             w.start()
+        return bool(new)
+
+    def _syncing(self) -> bool:
+        """Some watch has not listed yet, and is still young enough to wait for (a forbidden one is not)."""
+        watchers = (*self._watchers.values(), *self._secret_watchers.values())
+        return any(w.name not in self._listed and w.young() for w in watchers)
 
     def load(self) -> LoadResult:
         objects: dict[ObjectKey, tuple[Resource, None]] = {}
