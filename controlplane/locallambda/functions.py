@@ -5,6 +5,8 @@ The local Invoke server asks this registry which handler a function name and qua
 
 from __future__ import annotations
 
+import base64
+import bisect
 import hashlib
 import importlib.util
 import logging
@@ -16,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import yaml
@@ -27,6 +29,12 @@ DEFAULT_TIMEOUT_S = 3.0
 MAX_TIMEOUT_S = 900.0
 LATEST = "$LATEST"
 CONFIG_FILES = ("functions.yaml", "functions.yml")
+MAX_DESCRIPTION = 256
+MAX_TAGS = 50
+SYNTHETIC_PREFIX = "synth-"
+SYNTHETIC_HANDLER = "lambda_function.lambda_handler"
+# What a synthetic function "deploys": its CodeSha256 and CodeSize are this text's.
+SYNTHETIC_SOURCE = b"def lambda_handler(event, context):\n    return event\n"
 
 FUNCTION_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 QUALIFIER_RE = re.compile(r"\$LATEST|[A-Za-z0-9_-]{1,128}")
@@ -36,6 +44,7 @@ _ATTR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 Handler = Callable[[Any, Any], Any]
 _Stamp = tuple[int, int]
+CodeDigest = tuple[str, int]  # base64 SHA-256 of the code, and its size in bytes
 
 
 class HandlerLoadError(Exception):
@@ -51,7 +60,11 @@ class HandlerLoadError(Exception):
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    """One invokable function: its $LATEST handler, published versions and aliases."""
+    """One invokable function: its $LATEST handler, published versions and aliases.
+
+    `versions` is ordered by ascending version number and `aliases` by name, the order the listing APIs
+    answer in. `builtin`, when set, is the handler itself (synthetic functions have no module file).
+    """
 
     name: str
     handler: str
@@ -59,6 +72,11 @@ class FunctionSpec:
     versions: Mapping[str, str] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     explicit: bool = True
+    description: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    version_descriptions: Mapping[str, str] = field(default_factory=dict)
+    alias_descriptions: Mapping[str, str] = field(default_factory=dict)
+    builtin: Handler | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,45 @@ def split_function_name(raw: str, region: str | None) -> tuple[str, str | None] 
     return name, qualifier
 
 
+def version_order(version: str) -> tuple[int, str]:
+    """Sort key putting $LATEST first, then published versions by number."""
+    return (-1, "") if version == LATEST else (int(version), version)
+
+
+def handler_module(ref: str) -> str:
+    """The module part of a validated 'module.attribute' handler reference."""
+    return ref.rpartition(".")[0]
+
+
+def _echo(event: Any, context: Any) -> Any:
+    return event
+
+
+def synthetic_specs(count: int, tags: Mapping[str, str] | None = None) -> dict[str, FunctionSpec]:
+    """`count` echo functions `synth-00001`..., each with versions 1-3 and aliases live -> 3, prev -> 2.
+
+    Names are zero-padded to one width, so their string order is their numeric order.
+    """
+    versions = MappingProxyType({v: SYNTHETIC_HANDLER for v in ("1", "2", "3")})
+    aliases = MappingProxyType({"live": "3", "prev": "2"})
+    shared_tags = MappingProxyType(dict(tags or {}))
+    width = max(5, len(str(count)))
+    specs: dict[str, FunctionSpec] = {}
+    for index in range(1, count + 1):
+        name = f"{SYNTHETIC_PREFIX}{index:0{width}d}"
+        specs[name] = FunctionSpec(
+            name=name,
+            handler=SYNTHETIC_HANDLER,
+            versions=versions,
+            aliases=aliases,
+            explicit=True,
+            description="Synthetic echo function",
+            tags=shared_tags,
+            builtin=_echo,
+        )
+    return specs
+
+
 def _split_handler(ref: str) -> tuple[str, str]:
     module, _, attr = ref.rpartition(".")
     if not _MODULE_RE.fullmatch(module) or not _ATTR_RE.fullmatch(attr):
@@ -163,7 +220,14 @@ class FunctionRegistry:
     """
 
     def __init__(
-        self, folder: Path, log: logging.Logger, *, region: str | None = None, check_interval: float = 1.0
+        self,
+        folder: Path,
+        log: logging.Logger,
+        *,
+        region: str | None = None,
+        check_interval: float = 1.0,
+        synthetic: int = 0,
+        synthetic_tags: Mapping[str, str] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.region = region
@@ -171,7 +235,12 @@ class FunctionRegistry:
         self._check_interval = check_interval
         self._next_check = 0.0
         self._stamps: dict[str, _Stamp] = {}
-        self._specs: dict[str, FunctionSpec] = {}
+        # Functions of the folder take precedence over synthetic ones of the same name.
+        self._synthetic = synthetic_specs(synthetic, synthetic_tags) if synthetic > 0 else {}
+        self._specs: dict[str, FunctionSpec] = dict(self._synthetic)
+        self._names: list[str] = sorted(self._specs)
+        self._digests: dict[str, tuple[_Stamp | None, CodeDigest]] = {}
+        self.started_ns = time.time_ns()
         self._modules: dict[str, tuple[_Stamp | None, ModuleType | HandlerLoadError]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -183,6 +252,42 @@ class FunctionRegistry:
     @property
     def functions(self) -> Mapping[str, FunctionSpec]:
         return self._specs
+
+    @property
+    def sorted_names(self) -> list[str]:
+        """Every function name in ascending order; replaced, never mutated, when the functions change."""
+        return self._names
+
+    def names_after(self, marker: str | None, *, inclusive: bool = False) -> int:
+        """Index in `sorted_names` of the first name after `marker` (or at it, when `inclusive`)."""
+        if marker is None:
+            return 0
+        find = bisect.bisect_left if inclusive else bisect.bisect_right
+        return find(self._names, marker)
+
+    def mtime_ns(self, module: str) -> int:
+        """When a function's code or configuration last changed: its module's or the config's mtime."""
+        names = (*CONFIG_FILES, module + ".py")
+        stamps = self._stamps
+        return max((stamps[name][0] for name in names if name in stamps), default=self.started_ns)
+
+    def cached_code_digest(self, module: str) -> CodeDigest | None:
+        """The module file's digest if already computed for its current stamp, without I/O; else None."""
+        entry = self._digests.get(module)
+        if entry is None or entry[0] != self._stamps.get(module + ".py"):
+            return None
+        return entry[1]
+
+    def code_digest(self, module: str) -> CodeDigest:
+        """Base64 SHA-256 and size of a module file (of nothing, if it is missing). Blocking."""
+        stamp = self._stamps.get(module + ".py")
+        try:
+            data = (self.folder / f"{module}.py").read_bytes() if stamp is not None else b""
+        except OSError:
+            data = b""
+        digest = (base64.b64encode(hashlib.sha256(data).digest()).decode("ascii"), len(data))
+        self._digests[module] = (stamp, digest)
+        return digest
 
     def reload(self) -> None:
         """Rescan the folder now and forget every imported module so the next call re-imports."""
@@ -218,6 +323,8 @@ class FunctionRegistry:
 
     def cached_handler(self, target: Target) -> Handler | HandlerLoadError | None:
         """The handler if its module is already imported and current, without doing any I/O; else None."""
+        if target.spec.builtin is not None:
+            return target.spec.builtin
         entry = self._modules.get(target.module)
         if entry is None or entry[0] != self._stamps.get(target.module + ".py"):
             return None
@@ -225,6 +332,8 @@ class FunctionRegistry:
 
     def load_handler(self, target: Target) -> Handler | HandlerLoadError:
         """Import (or re-import) the target's module if needed and return its handler. Blocking."""
+        if target.spec.builtin is not None:
+            return target.spec.builtin
         with self._module_lock(target.module):
             stamp = self._stamps.get(target.module + ".py")
             entry = self._modules.get(target.module)
@@ -314,10 +423,16 @@ class FunctionRegistry:
         if not specs_stale:
             return
         if config is not None:
-            self._specs = self._load_config(self.folder / config)
+            specs = self._load_config(self.folder / config)
         else:
-            self._specs = self._implicit_specs(stamps)
-        self._log.info("Lambda functions in %s: %s", self.folder, ", ".join(sorted(self._specs)) or "(none)")
+            specs = self._implicit_specs(stamps)
+        self._log.info("Lambda functions in %s: %s", self.folder, ", ".join(sorted(specs)) or "(none)")
+        if self._synthetic:
+            self._log.info("plus %d synthetic functions", len(self._synthetic.keys() - specs.keys()))
+            specs = {**self._synthetic, **specs}
+        # Sorted once per change, so listing a page is a bisection and a slice.
+        self._names = sorted(specs)
+        self._specs = specs
 
     def _implicit_specs(self, stamps: Mapping[str, _Stamp]) -> dict[str, FunctionSpec]:
         specs: dict[str, FunctionSpec] = {}
@@ -359,7 +474,7 @@ class FunctionRegistry:
 def _parse_spec(entry: object) -> FunctionSpec:
     if not isinstance(entry, dict):
         raise TypeError("entry must be a mapping")
-    unknown = set(entry) - {"name", "handler", "timeout", "versions", "aliases"}
+    unknown = set(entry) - {"name", "handler", "timeout", "versions", "aliases", "description", "tags"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(map(str, unknown))}")
     name = entry.get("name")
@@ -372,27 +487,97 @@ def _parse_spec(entry: object) -> FunctionSpec:
     timeout = entry.get("timeout", DEFAULT_TIMEOUT_S)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
         raise ValueError(f"{name}: timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+    description = _description(entry.get("description"), f"{name}: description")
+    tags = _tags(entry.get("tags"), name)
+
     versions: dict[str, str] = {}
+    version_descriptions: dict[str, str] = {}
     raw_versions = entry.get("versions") or {}
     if not isinstance(raw_versions, dict):
         raise TypeError(f"{name}: versions must be a mapping of version number to handler")
-    for key, ref in raw_versions.items():
+    for key, value in raw_versions.items():
         version = str(key)
+        ref, text = _with_description(value, "handler", f"{name}: version {key!r}")
         if isinstance(key, bool) or not _VERSION_RE.fullmatch(version) or not isinstance(ref, str):
             raise ValueError(f"{name}: version {key!r} must be a number mapped to 'module.attribute'")
         _split_handler(ref)
+        if version in versions:
+            raise ValueError(f"{name}: version {version} is declared twice")
         versions[version] = ref
+        if text is not None:
+            version_descriptions[version] = text
+
     aliases: dict[str, str] = {}
+    alias_descriptions: dict[str, str] = {}
     raw_aliases = entry.get("aliases") or {}
     if not isinstance(raw_aliases, dict):
         raise TypeError(f"{name}: aliases must be a mapping of alias to version")
-    for alias, target in raw_aliases.items():
-        alias, target = str(alias), str(target)
+    for key, value in raw_aliases.items():
+        alias = str(key)
+        raw_target, text = _with_description(value, "version", f"{name}: alias {alias!r}")
+        target = str(raw_target)
         if _VERSION_RE.fullmatch(alias) or alias == LATEST or not QUALIFIER_RE.fullmatch(alias):
             raise ValueError(f"{name}: {alias!r} is not a valid alias name")
         if target != LATEST and target not in versions:
             raise ValueError(f"{name}: alias {alias!r} points at unknown version {target!r}")
         aliases[alias] = target
+        if text is not None:
+            alias_descriptions[alias] = text
     return FunctionSpec(
-        name=name, handler=handler, timeout=float(timeout), versions=versions, aliases=aliases, explicit=True
+        name=name,
+        handler=handler,
+        timeout=float(timeout),
+        # Listed in these orders: versions by number, aliases by name.
+        versions=dict(sorted(versions.items(), key=lambda item: version_order(item[0]))),
+        aliases=dict(sorted(aliases.items())),
+        explicit=True,
+        description=description,
+        tags=tags,
+        version_descriptions=version_descriptions,
+        alias_descriptions=alias_descriptions,
     )
+
+
+def _with_description(value: object, key: str, where: str) -> tuple[object, str | None]:
+    """A version's handler or an alias's version, given plainly or as {<key>: ..., description: ...}."""
+    if not isinstance(value, dict):
+        return value, None
+    unknown = set(value) - {key, "description"}
+    if unknown or key not in value:
+        raise ValueError(f"{where} must be a value or a mapping with '{key}' and an optional 'description'")
+    return value[key], _description(value.get("description"), f"{where} description")
+
+
+def _description(value: object, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_DESCRIPTION:
+        raise ValueError(f"{where} must be a string of at most {MAX_DESCRIPTION} characters")
+    return value
+
+
+def _tags(value: object, name: str) -> dict[str, str]:
+    """Tags as Lambda accepts them: at most 50, keys of 1-128 characters not starting 'aws:', values to 256."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{name}: tags must be a mapping of tag key to value")
+    if len(value) > MAX_TAGS:
+        raise ValueError(f"{name}: at most {MAX_TAGS} tags are allowed")
+    tags: dict[str, str] = {}
+    for key, raw in value.items():
+        # YAML reads `tier: 1` as a number; tags are strings, so scalars are taken as written.
+        if isinstance(key, bool) or not isinstance(key, (str, int)) or isinstance(raw, bool):
+            raise ValueError(f"{name}: tag {key!r}: keys and values must be strings (quote true/false)")
+        if raw is None:
+            raw = ""
+        if not isinstance(raw, (str, int, float)):
+            raise ValueError(f"{name}: tag {key!r}: the value must be a string")
+        tag_key, tag_value = str(key), str(raw)
+        if not 1 <= len(tag_key) <= 128 or tag_key.lower().startswith("aws:") or len(tag_value) > 256:
+            raise ValueError(
+                f"{name}: tag {tag_key!r}: keys need 1-128 characters and must not start with 'aws:', "
+                "values at most 256"
+            )
+        tags[tag_key] = tag_value
+    return tags

@@ -1,6 +1,8 @@
 """A local AWS Lambda Invoke endpoint: a small asyncio HTTP/1.1 server with SigV4 checks.
 
-Runs Python handlers from a folder in worker threads with Lambda's invoke semantics, no AWS needed.
+Runs Python handlers from a folder in worker threads with Lambda's invoke semantics, no AWS needed, and
+answers the read-only control-plane APIs (ListFunctions, ListVersionsByFunction, ListAliases, GetFunction,
+ListTags) that function discovery calls.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .functions import (
     function_arn,
     split_function_name,
 )
+from .readapi import ApiError, ReadApi
 from .sigv4 import SigV4Error, SigV4Verifier
 
 SYNC_PAYLOAD_LIMIT = 6 * 1024 * 1024
@@ -43,6 +46,8 @@ LOG_TAIL_BYTES = 4096
 
 _INVOKE_PREFIX = "/2015-03-31/functions/"
 _INVOKE_SUFFIX = "/invocations"
+_FUNCTIONS_PATH = "/2015-03-31/functions"
+_TAGS_PREFIX = "/2017-03-31/tags/"
 _MAX_HEAD_BYTES = 64 * 1024
 # Bodies past the payload limit are read and discarded up to here so the client gets its 413 instead of
 # a reset; anything larger is answered and the connection dropped.
@@ -329,6 +334,11 @@ class LocalLambda:
 
     `credentials` maps access key ids to secret keys accepted in SigV4 signatures. With `region` set,
     only credentials scoped to that region are accepted and ARNs must name it.
+
+    `latency_s` delays every answer of the read APIs (ListFunctions and the rest, not Invoke) by that
+    long, to model AWS's control-plane latency in benchmarks. `synthetic` adds that many generated
+    functions `synth-00001`..., each echoing its event, with versions 1-3 and aliases live -> 3 and
+    prev -> 2, tagged with `synthetic_tags`; a function of the folder with the same name wins.
     """
 
     def __init__(
@@ -340,12 +350,21 @@ class LocalLambda:
         port: int = 0,
         region: str | None = None,
         log: logging.Logger | None = None,
+        latency_s: float = 0.0,
+        synthetic: int = 0,
+        synthetic_tags: dict[str, str] | None = None,
     ) -> None:
+        if isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 0:
+            raise ValueError(f"synthetic must be a non-negative integer, not {synthetic!r}")
         self._host = host
         self._port = port
         self._region = region
         self._log = log or logging.getLogger("lambdagate.locallambda")
-        self._registry = FunctionRegistry(Path(functions_dir), self._log, region=region)
+        self.latency_s = latency_s
+        self._registry = FunctionRegistry(
+            Path(functions_dir), self._log, region=region, synthetic=synthetic, synthetic_tags=synthetic_tags
+        )
+        self._read_api = ReadApi(self._registry, region, self._run_in_pool)
         self._verifier = SigV4Verifier(credentials, service="lambda", region=region)
         self._server: asyncio.AbstractServer | None = None
         self._pool: _WorkerPool | None = None
@@ -362,6 +381,17 @@ class LocalLambda:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds every read-API answer is held back (0: none); may be changed while serving."""
+        return self._latency_s
+
+    @latency_s.setter
+    def latency_s(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"latency_s must be a finite number of seconds >= 0, not {value!r}")
+        self._latency_s = float(value)
 
     def set_credentials(self, credentials: dict[str, str]) -> None:
         """Accept exactly these keys from now on (access key id -> secret key)."""
@@ -577,9 +607,65 @@ class LocalLambda:
 
     async def _dispatch(self, request: _Request) -> _Response:
         request_id = str(uuid.uuid4())
-        response = await self._invoke_route(request, request_id)
+        route = self._read_route(request) if request.method == "GET" else None
+        if route is not None:
+            response = await self._read(request, *route)
+        else:
+            response = await self._invoke_route(request, request_id)
         response.headers.append(("x-amzn-RequestId", request_id))
         return response
+
+    # --- the read APIs ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_route(request: _Request) -> tuple[str, str] | None:
+        """(operation, its raw path argument) for the read APIs' paths; None for anything else."""
+        path = request.path
+        if path in (_FUNCTIONS_PATH, _FUNCTIONS_PATH + "/"):
+            return "ListFunctions", ""
+        if path.startswith(_INVOKE_PREFIX):
+            parts = path[len(_INVOKE_PREFIX) :].split("/")
+            if not parts[0]:
+                return None
+            if len(parts) == 1:
+                return "GetFunction", parts[0]
+            if len(parts) == 2 and parts[1] == "versions":
+                return "ListVersionsByFunction", parts[0]
+            if len(parts) == 2 and parts[1] == "aliases":
+                return "ListAliases", parts[0]
+            return None
+        if path.startswith(_TAGS_PREFIX):
+            resource = path[len(_TAGS_PREFIX) :]
+            return ("ListTags", resource) if resource and "/" not in resource else None
+        return None
+
+    async def _read(self, request: _Request, operation: str, raw_argument: str) -> _Response:
+        if self._latency_s > 0:
+            await asyncio.sleep(self._latency_s)
+        if request.body is None:
+            return _error(413, "RequestTooLargeException", _too_large_message(SYNC_PAYLOAD_LIMIT))
+        try:
+            self._verifier.verify(request.method, request.target, request.header_pairs, request.body)
+        except SigV4Error as exc:
+            self._log.info("rejected %s %s: %s", operation, request.path[:200], exc.code)
+            return _error(exc.status, exc.code, exc.message, user=False)
+        params = dict(parse_qsl(request.query, keep_blank_values=True)) if request.query else {}
+        argument = unquote(raw_argument)
+        api = self._read_api
+        try:
+            if operation == "ListFunctions":
+                body = await api.list_functions(params)
+            elif operation == "GetFunction":
+                body = await api.get_function(argument, params)
+            elif operation == "ListVersionsByFunction":
+                body = await api.list_versions(argument, params)
+            elif operation == "ListAliases":
+                body = await api.list_aliases(argument, params)
+            else:
+                body = await api.list_tags(argument)
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message)
+        return _Response(200, json.dumps(body, separators=(",", ":")).encode())
 
     async def _invoke_route(self, request: _Request, request_id: str) -> _Response:
         path = request.path

@@ -495,7 +495,8 @@ def test_keep_alive_serves_two_requests_on_one_connection(server: LocalLambda) -
 
 
 def test_unknown_route(server: LocalLambda) -> None:
-    status, headers, body = _raw(server, "GET", "/2015-03-31/functions/Echo")
+    # GetPolicy: a real Lambda API the local endpoint does not implement.
+    status, headers, body = _raw(server, "GET", "/2015-03-31/functions/Echo/policy")
     assert status == 404
     assert headers["x-amzn-ErrorType"] == "UnknownOperationException"
     assert headers["x-amzn-RequestId"]
