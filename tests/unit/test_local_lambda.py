@@ -5,7 +5,6 @@ Servers run on an event loop in a background thread so the blocking clients can 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime
 import hashlib
@@ -27,6 +26,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
+from harness import LoopThread
 
 from controlplane.locallambda import LocalLambda
 
@@ -127,33 +127,17 @@ def _write(path: Path, text: str) -> None:
     path.write_text(textwrap.dedent(text), encoding="utf-8")
 
 
-class _LoopThread:
-    """An event loop running in a daemon thread, for servers under test."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def loop_thread() -> Iterator[_LoopThread]:
-    runner = _LoopThread()
+def loop_thread() -> Iterator[LoopThread]:
+    # Module-scoped, unlike conftest's: one server serves every test in the module.
+    runner = LoopThread()
     try:
         yield runner
     finally:
         runner.close()
 
 
-def _serve(runner: _LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
+def _serve(runner: LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
     server = LocalLambda(folder, {AKID: SECRET}, **kwargs)
     runner.run(server.start())
     try:
@@ -172,7 +156,7 @@ def yaml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(loop_thread: _LoopThread, yaml_dir: Path) -> Iterator[LocalLambda]:
+def server(loop_thread: LoopThread, yaml_dir: Path) -> Iterator[LocalLambda]:
     yield from _serve(loop_thread, yaml_dir, region=REGION)
 
 
@@ -195,7 +179,7 @@ def implicit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def implicit_server(loop_thread: _LoopThread, implicit_dir: Path) -> Iterator[LocalLambda]:
+def implicit_server(loop_thread: LoopThread, implicit_dir: Path) -> Iterator[LocalLambda]:
     yield from _serve(loop_thread, implicit_dir)
 
 

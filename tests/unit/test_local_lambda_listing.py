@@ -6,14 +6,12 @@ Servers run on an event loop in a background thread so the blocking client can b
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import http.client
 import json
 import re
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from harness import LoopThread
 
 from controlplane.locallambda import LocalLambda
 
@@ -74,33 +73,17 @@ NAMES = sorted(["Zeta", "Echo", "Alpha", "beta-fn", "Delta", "Gamma_2", "Kappa"]
 LAST_MODIFIED_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0000")
 
 
-class _LoopThread:
-    """An event loop running in a daemon thread, for servers under test."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def loop_thread() -> Iterator[_LoopThread]:
-    runner = _LoopThread()
+def loop_thread() -> Iterator[LoopThread]:
+    # Module-scoped, unlike conftest's: one server serves every test in the module.
+    runner = LoopThread()
     try:
         yield runner
     finally:
         runner.close()
 
 
-def _serve(runner: _LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
+def _serve(runner: LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
     server = LocalLambda(folder, {AKID: SECRET}, **kwargs)
     runner.run(server.start())
     try:
@@ -126,13 +109,13 @@ def yaml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(loop_thread: _LoopThread, yaml_dir: Path) -> Iterator[LocalLambda]:
+def server(loop_thread: LoopThread, yaml_dir: Path) -> Iterator[LocalLambda]:
     yield from _serve(loop_thread, yaml_dir, region=REGION)
 
 
 @pytest.fixture(scope="module")
 def synthetic_server(
-    loop_thread: _LoopThread, tmp_path_factory: pytest.TempPathFactory
+    loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalLambda]:
     folder = tmp_path_factory.mktemp("listing_synthetic")
     _write(folder / "hello.py", "def handler(event, context):\n    return 'hello'\n")
@@ -242,7 +225,7 @@ def test_list_functions_all_versions(client: Any) -> None:
 
 
 def test_marker_continues_after_its_name_when_functions_change(
-    loop_thread: _LoopThread, tmp_path: Path
+    loop_thread: LoopThread, tmp_path: Path
 ) -> None:
     folder = _make_folder(tmp_path)
     for server in _serve(loop_thread, folder, region=REGION):
@@ -461,7 +444,7 @@ def test_synthetic_catalogue(synthetic_client: Any) -> None:
 
 
 def test_synthetic_catalogue_of_ten_thousand_is_cheap_per_page(
-    loop_thread: _LoopThread, tmp_path: Path
+    loop_thread: LoopThread, tmp_path: Path
 ) -> None:
     for server in _serve(loop_thread, tmp_path, synthetic=10_000):
         client = _client(server)
@@ -477,9 +460,7 @@ def test_synthetic_catalogue_of_ten_thousand_is_cheap_per_page(
 # --- latency ---------------------------------------------------------------------------------------
 
 
-def test_latency_delays_read_calls_without_blocking_the_loop(
-    loop_thread: _LoopThread, yaml_dir: Path
-) -> None:
+def test_latency_delays_read_calls_without_blocking_the_loop(loop_thread: LoopThread, yaml_dir: Path) -> None:
     for server in _serve(loop_thread, yaml_dir, region=REGION, latency_s=0.3):
         client = _client(server)
         client.list_functions(MaxItems=1)  # connection set up outside the timings
