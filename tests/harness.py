@@ -343,3 +343,17 @@ def control_plane(
         loop.loop.call_soon_threadsafe(stop.set)
         with contextlib.suppress(Exception):
             runner.result(15)
+
+
+def serve_local_lambda(
+    loop: LoopThread, folder: Path, credentials: dict[str, str], **kwargs: Any
+) -> Iterator[Any]:
+    """Our local Lambda endpoint on `loop`, for `yield from` in a fixture; stopped however the tests end."""
+    from controlplane.locallambda import LocalLambda
+
+    server = LocalLambda(folder, credentials, **kwargs)
+    loop.run(server.start())
+    try:
+        yield server
+    finally:
+        loop.run(server.stop())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import LoopThread, MotoServer, free_port, http, wait_until
+from harness import LoopThread, MotoServer, free_port, http, serve_local_lambda, wait_until
 
 from controlplane.locallambda import LocalLambda
 from controlplane.model.resources import AwsCredentials
@@ -64,22 +64,8 @@ functions:
 """
 
 
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    runner = LoopThread()
-    try:
-        yield runner
-    finally:
-        runner.close()
-
-
 def _serve(runner: LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
-    server = LocalLambda(folder, {AKID: SECRET}, **kwargs)
-    runner.run(server.start())
-    try:
-        yield server
-    finally:
-        runner.run(server.stop())
+    yield from serve_local_lambda(runner, folder, {AKID: SECRET}, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
-from harness import LoopThread
+from harness import LoopThread, serve_local_lambda
 
 from controlplane.locallambda import LocalLambda
 
@@ -127,23 +127,8 @@ def _write(path: Path, text: str) -> None:
     path.write_text(textwrap.dedent(text), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    # Module-scoped, unlike conftest's: one server serves every test in the module.
-    runner = LoopThread()
-    try:
-        yield runner
-    finally:
-        runner.close()
-
-
 def _serve(runner: LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
-    server = LocalLambda(folder, {AKID: SECRET}, **kwargs)
-    runner.run(server.start())
-    try:
-        yield server
-    finally:
-        runner.run(server.stop())
+    yield from serve_local_lambda(runner, folder, {AKID: SECRET}, **kwargs)
 
 
 @pytest.fixture(scope="module")

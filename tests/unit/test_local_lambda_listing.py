@@ -22,7 +22,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from harness import LoopThread
+from harness import LoopThread, serve_local_lambda
 
 from controlplane.locallambda import LocalLambda
 
@@ -73,23 +73,8 @@ NAMES = sorted(["Zeta", "Echo", "Alpha", "beta-fn", "Delta", "Gamma_2", "Kappa"]
 LAST_MODIFIED_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0000")
 
 
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    # Module-scoped, unlike conftest's: one server serves every test in the module.
-    runner = LoopThread()
-    try:
-        yield runner
-    finally:
-        runner.close()
-
-
 def _serve(runner: LoopThread, folder: Path, **kwargs: Any) -> Iterator[LocalLambda]:
-    server = LocalLambda(folder, {AKID: SECRET}, **kwargs)
-    runner.run(server.start())
-    try:
-        yield server
-    finally:
-        runner.run(server.stop())
+    yield from serve_local_lambda(runner, folder, {AKID: SECRET}, **kwargs)
 
 
 def _write(path: Path, text: str) -> None:
