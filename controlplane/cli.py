@@ -22,7 +22,9 @@ from controlplane.translate.envoy import TranslateOptions
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
     from controlplane.locallambda import LocalLambda
+    from controlplane.model.resources import Endpoint
     from controlplane.sources.files import LoadResult
+    from controlplane.sources.kubernetes import KubeSettings
 
 log = logging.getLogger("lambdagate")
 
@@ -84,30 +86,11 @@ def _install_signals(stop: asyncio.Event) -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     from controlplane.app import ControlPlane, Settings
-    from controlplane.model.resources import Endpoint
 
     host, port = args.grpc_address
     ext_host, ext_port = args.extproc_address or (host if host not in ("0.0.0.0", "::") else "127.0.0.1", 0)
-    local = None
-    if args.local_lambda_url:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(args.local_lambda_url)
-        default_port = 443 if parts.scheme == "https" else 80
-        local = Endpoint(parts.scheme, parts.hostname or "127.0.0.1", parts.port or default_port)
-    kube = None
-    if args.kubernetes:
-        from controlplane.sources.kubernetes import KubeSettings
-
-        kube = KubeSettings(
-            namespace=args.namespace,
-            kubeconfig=args.kubeconfig,
-            context=args.context,
-            lease_namespace=None
-            if args.no_leader_election
-            else (args.lease_namespace or "lambdagate-system"),
-            identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
-        )
+    local = _endpoint_of(args.local_lambda_url)
+    kube = _kube_settings(args)
     settings = Settings(
         config_dir=Path(args.config_dir) if args.config_dir else None,
         kubernetes=kube,
@@ -128,6 +111,56 @@ async def _serve(args: argparse.Namespace) -> int:
     await cp.start()
     await cp.run(stop)
     return 0
+
+
+def _kube_settings(args: argparse.Namespace) -> KubeSettings | None:
+    if not args.kubernetes:
+        return None
+    from controlplane.sources.kubernetes import KubeSettings
+
+    return KubeSettings(
+        namespace=args.namespace,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        lease_namespace=None if args.no_leader_election else (args.lease_namespace or "lambdagate-system"),
+        identity=args.identity or f"{socket.gethostname()}-{os.getpid()}",
+    )
+
+
+def _endpoint_of(url: str | None) -> Endpoint | None:
+    if not url:
+        return None
+    from urllib.parse import urlsplit
+
+    from controlplane.model.resources import Endpoint
+
+    parts = urlsplit(url)
+    default_port = 443 if parts.scheme == "https" else 80
+    return Endpoint(parts.scheme, parts.hostname or "127.0.0.1", parts.port or default_port)
+
+
+# --- discover ---------------------------------------------------------------------------------------
+
+
+async def _discover(args: argparse.Namespace) -> int:
+    from discovery.service import DiscoverOptions, run_discover
+
+    options = DiscoverOptions(
+        config_dir=Path(args.config_dir) if args.config_dir else None,
+        kubernetes=_kube_settings(args),
+        local_endpoint=_endpoint_of(args.local_lambda_url),
+        interval_s=args.interval,
+        once=args.once,
+        rate_per_s=args.rate,
+        max_concurrency=args.concurrency,
+        max_record_bytes=args.max_status_bytes,
+    )
+    if options.config_dir is not None and not options.config_dir.is_dir():
+        log.error("config folder %s does not exist", options.config_dir)
+        return 2
+    stop = asyncio.Event()
+    _install_signals(stop)
+    return await run_discover(options, stop)
 
 
 # --- up ---------------------------------------------------------------------------------------------
@@ -206,6 +239,9 @@ async def _up(args: argparse.Namespace) -> int:
         preexec_fn=_die_with_parent,
     )
     cp_task = asyncio.create_task(cp.run(stop))
+    discovery_task = None
+    if not args.no_discovery:
+        discovery_task = asyncio.create_task(_discovery_for_up(cp, config_dir, args, stop))
     envoy_exit = asyncio.create_task(envoy.wait())
     rc = 0
     ready = asyncio.create_task(_wait_port(args.address, args.port, 30))
@@ -253,9 +289,31 @@ async def _up(args: argparse.Namespace) -> int:
                 await envoy.wait()
         with contextlib.suppress(Exception):
             await cp_task
+        if discovery_task is not None:
+            with contextlib.suppress(Exception):
+                await discovery_task
         if local is not None:
             await local.stop()
     return rc
+
+
+async def _discovery_for_up(
+    cp: ControlPlane, config_dir: Path, args: argparse.Namespace, stop: asyncio.Event
+) -> None:
+    """Discovery in the same process: fed by the control plane's own loads, writing the state file."""
+    from discovery.lister import Lister
+    from discovery.service import DEFAULT_CONCURRENCY, DEFAULT_RATE_PER_S
+    from discovery.worker import DiscoveryWorker, FileStore
+
+    worker = DiscoveryWorker(
+        FileStore(config_dir),
+        Lister(max_concurrency=DEFAULT_CONCURRENCY, rate_per_s=DEFAULT_RATE_PER_S),
+        interval_s=args.discovery_interval,
+    )
+    cp.on_config.append(lambda result: worker.update(result.config))
+    if cp.last is not None:
+        worker.update(cp.last.config)
+    await worker.run(stop)
 
 
 def _feed_local_credentials(cp: ControlPlane, local: LocalLambda) -> None:
@@ -306,6 +364,37 @@ async def _local_lambda(args: argparse.Namespace) -> int:
 # --- entry point ------------------------------------------------------------------------------------
 
 
+def _add_source_args(parser: argparse.ArgumentParser, leader_does: str) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-dir", help="read resources from this folder")
+    source.add_argument("--kubernetes", action="store_true", help="read resources from the Kubernetes API")
+    parser.add_argument(
+        "--namespace", default=None, help="with --kubernetes: only this namespace (default: all)"
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="with --kubernetes: kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)",
+    )
+    parser.add_argument("--context", default=None, help="with --kubernetes: kubeconfig context")
+    parser.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE"),
+        help="with --kubernetes: namespace of the leader-election Lease (default: $POD_NAMESPACE, "
+        f"else lambdagate-system); {leader_does}",
+    )
+    parser.add_argument("--identity", default=None, help="leader-election identity (default: hostname-pid)")
+
+
+def _duration(text: str) -> float:
+    from discovery.service import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lambdagate", description="Put AWS Lambda functions behind Envoy.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -325,31 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca-bundle", default=None, help="CA file for Lambda's TLS certificate (default: the system's)"
     )
 
+    up.add_argument(
+        "--discovery-interval",
+        type=_duration,
+        default="5m",
+        help="how often function discovery lists AWS accounts (the local endpoint: every second)",
+    )
+    up.add_argument("--no-discovery", action="store_true", help="do not run function discovery")
+
     serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
-    source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config-dir", help="read resources from this folder")
-    source.add_argument("--kubernetes", action="store_true", help="read resources from the Kubernetes API")
-    serve.add_argument(
-        "--namespace", default=None, help="with --kubernetes: only this namespace (default: all)"
-    )
-    serve.add_argument(
-        "--kubeconfig",
-        default=None,
-        help="with --kubernetes: kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)",
-    )
-    serve.add_argument("--context", default=None, help="with --kubernetes: kubeconfig context")
-    serve.add_argument(
-        "--lease-namespace",
-        default=os.environ.get("POD_NAMESPACE"),
-        help="with --kubernetes: namespace of the leader-election Lease (default: $POD_NAMESPACE, "
-        "else lambdagate-system); only the leader writes status",
-    )
+    _add_source_args(serve, "only the leader writes status")
     serve.add_argument(
         "--no-leader-election",
         action="store_true",
         help="with --kubernetes: every replica writes status (fine for a single replica)",
     )
-    serve.add_argument("--identity", default=None, help="leader-election identity (default: hostname-pid)")
     serve.add_argument(
         "--grpc-address",
         type=_host_port,
@@ -370,6 +449,34 @@ def build_parser() -> argparse.ArgumentParser:
         default="/etc/ssl/certs/ca-certificates.crt",
         help="CA file Envoy uses to verify Lambda's TLS certificate",
     )
+
+    disc = sub.add_parser(
+        "discover", help="list each Upstream's Lambda functions, versions and aliases into its status"
+    )
+    _add_source_args(disc, "only the leader lists and writes")
+    disc.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="with --kubernetes: every replica lists and writes (fine for a single replica)",
+    )
+    disc.add_argument(
+        "--interval", type=_duration, default="5m", help="time between listings of an account (5m, 90s, 1h)"
+    )
+    disc.add_argument("--once", action="store_true", help="list every account once, store, and exit")
+    disc.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        help="most Lambda API calls per second (AWS's control-plane quota is 15/s per account and region)",
+    )
+    disc.add_argument("--concurrency", type=int, default=8, help="most Lambda API calls in flight")
+    disc.add_argument(
+        "--max-status-bytes",
+        type=int,
+        default=1024 * 1024,
+        help="largest record stored per Upstream (etcd refuses objects over 1.5 MiB)",
+    )
+    disc.add_argument("--local-lambda-url", default=None, help="what `endpoint: local` means")
 
     boot = sub.add_parser("bootstrap", help="print the Envoy bootstrap that points at lambdagate's xDS")
     boot.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000))
@@ -402,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap_yaml(xds_host=host, xds_port=port, node_id=args.node_id, admin_port=args.admin_port)
         )
         return 0
-    runner = {"serve": _serve, "up": _up, "local-lambda": _local_lambda}[args.command]
+    runner = {"serve": _serve, "up": _up, "discover": _discover, "local-lambda": _local_lambda}[args.command]
     # Plain asyncio: grpc.aio does not support uvloop, and measured here uvloop bought nothing.
     return asyncio.run(runner(args))
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.aws.roles import assumed_role_session
 from controlplane.model.parse import LOGICAL_NAME_RE
 from controlplane.model.resources import AwsCredentials, mask
 
@@ -78,10 +79,13 @@ class Account:
     region: str
     endpoint_url: str | None = None
     credentials: AwsCredentials | None = None  # None: botocore's default credential chain
+    role_arn: str | None = None  # assumed with STS AssumeRole, with the credentials above
 
     def describe(self) -> str:
         where = self.endpoint_url or f"lambda.{self.region}"
         who = f"access key {mask(self.credentials.access_key)}" if self.credentials else "default credentials"
+        if self.role_arn:
+            who += f" as {self.role_arn}"
         return f"{where} ({self.region}, {who})"
 
 
@@ -166,6 +170,9 @@ def default_client_factory(max_pool_connections: int) -> ClientFactory:
         options: dict[str, Any] = {"region_name": account.region, "config": config}
         if account.endpoint_url:
             options["endpoint_url"] = account.endpoint_url
+        if account.role_arn:
+            session = assumed_role_session(account.credentials, account.role_arn, account.region)
+            return session.create_client("lambda", **options)
         if account.credentials is not None:
             options["aws_access_key_id"] = account.credentials.access_key
             options["aws_secret_access_key"] = account.credentials.secret_key
@@ -206,27 +213,44 @@ class Lister:
     # --- the listing -----------------------------------------------------------------------------------
 
     async def list_account(
-        self, account: Account, filters: Filters = Filters()
+        self, account: Account, filters: Filters = Filters(), *, with_tags: bool = False
     ) -> tuple[list[DiscoveredFunction], ListingStats]:
+        """Every function of the account (after the filters), each version and alias as its own entry.
+
+        ListFunctions with FunctionVersion=ALL answers $LATEST and every published version in the same pages
+        (50 entries each), so versions cost no call of their own; aliases take one ListAliases per function
+        (more for over 50 aliases), run by `max_concurrency` workers while the pages still come in.
+        `with_tags` fetches every function's tags (ListTags) even without a tag filter, for callers that
+        filter one listing several ways.
+        """
         started = time.monotonic()
         stats = ListingStats()
         client = await asyncio.to_thread(self._client, account)
         call = _Caller(self, client, account, stats)
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=self.max_concurrency * 4)
-        found: list[DiscoveredFunction] = []
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.max_concurrency * 4)
+        configs: dict[str, dict[str, Any]] = {}  # function name -> its $LATEST entry (or the first seen)
+        versions: dict[str, list[dict[str, Any]]] = {}  # function name -> its published versions' entries
+        extras: dict[str, tuple[tuple[tuple[str, str], ...], list[dict[str, Any]]]] = {}  # tags, aliases
 
         async def produce() -> None:
             marker: str | None = None
             while True:
-                params: dict[str, Any] = {"MaxItems": PAGE_SIZE}
+                params: dict[str, Any] = {"MaxItems": PAGE_SIZE, "FunctionVersion": "ALL"}
                 if marker:
                     params["Marker"] = marker
                 page = await call("list_functions", params)
                 for config in page.get("Functions", ()):
                     name = config.get("FunctionName", "")
-                    if filters.name_prefix and not name.startswith(filters.name_prefix):
+                    if not name or (filters.name_prefix and not name.startswith(filters.name_prefix)):
                         continue
-                    await queue.put(config)
+                    version = config.get("Version") or LATEST
+                    first = name not in configs
+                    if version == LATEST or first:
+                        configs[name] = config
+                    if version != LATEST:
+                        versions.setdefault(name, []).append(config)
+                    if first:
+                        await queue.put(name)
                 marker = page.get("NextMarker")
                 if not marker:
                     break
@@ -236,10 +260,16 @@ class Lister:
 
         async def work() -> None:
             while True:
-                config = await queue.get()
-                if config is None:
+                name = await queue.get()
+                if name is None:
                     return
-                found.extend(await self._function(call, config, filters, stats))
+                try:
+                    extra = await self._extras(call, name, configs[name], filters, with_tags)
+                except _Gone:
+                    stats.skipped_deleted += 1
+                    continue
+                if extra is not None:
+                    extras[name] = extra
 
         workers = self.max_concurrency
         tasks = [asyncio.ensure_future(produce())] + [asyncio.ensure_future(work()) for _ in range(workers)]
@@ -251,62 +281,62 @@ class Lister:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         result: dict[str, DiscoveredFunction] = {}
-        for entry in found:
-            if LOGICAL_NAME_RE.fullmatch(entry.name) is None or entry.name in result:
-                stats.skipped_invalid += 1
-                continue
-            result[entry.name] = entry
+        for name in sorted(extras):
+            tags, aliases = extras[name]
+            for entry in self._entries(name, configs[name], versions.get(name, []), aliases, tags, stats):
+                if LOGICAL_NAME_RE.fullmatch(entry.name) is None or entry.name in result:
+                    stats.skipped_invalid += 1
+                    continue
+                result[entry.name] = entry
         stats.seconds = time.monotonic() - started
         return [result[name] for name in sorted(result)], stats
 
-    async def _function(
-        self, call: _Caller, config: dict[str, Any], filters: Filters, stats: ListingStats
-    ) -> list[DiscoveredFunction]:
-        """The entries of one function; none if it fails the tag filter or went away meanwhile."""
-        name: str = config["FunctionName"]
-        arn: str = config.get("FunctionArn", "")
-        try:
-            tags: tuple[tuple[str, str], ...] = ()
-            if filters.tags:
-                answer = await call("list_tags", {"Resource": _unqualified(arn)})
-                tag_map: dict[str, str] = answer.get("Tags") or {}
-                if any(tag_map.get(key) != value for key, value in filters.tags):
-                    return []
-                tags = tuple(sorted(tag_map.items()))
-            versions = await self._pages(call, "list_versions_by_function", name, "Versions")
-            aliases = await self._pages(call, "list_aliases", name, "Aliases")
-        except _Gone:
-            stats.skipped_deleted += 1
-            return []
+    async def _extras(
+        self, call: _Caller, name: str, config: dict[str, Any], filters: Filters, with_tags: bool
+    ) -> tuple[tuple[tuple[str, str], ...], list[dict[str, Any]]] | None:
+        """A function's tags (when asked for) and aliases; None if it fails the tag filter."""
+        tags: tuple[tuple[str, str], ...] = ()
+        if filters.tags or with_tags:
+            arn = _unqualified(config.get("FunctionArn", "")) or name
+            answer = await call("list_tags", {"Resource": arn}, missing_is_gone=True)
+            tag_map: dict[str, str] = answer.get("Tags") or {}
+            if any(tag_map.get(key) != value for key, value in filters.tags):
+                return None
+            tags = tuple(sorted(tag_map.items()))
+        return tags, await self._pages(call, "list_aliases", name, "Aliases")
 
+    @staticmethod
+    def _entries(
+        name: str,
+        config: dict[str, Any],
+        versions: list[dict[str, Any]],
+        aliases: list[dict[str, Any]],
+        tags: tuple[tuple[str, str], ...],
+        stats: ListingStats,
+    ) -> list[DiscoveredFunction]:
         stats.functions += 1
-        entries = [
-            DiscoveredFunction(
-                name=name,
-                function_name=name,
-                qualifier=None,
-                version=LATEST,
-                arn=_unqualified(arn),
-                description=config.get("Description", ""),
-                tags=tags,
-            )
-        ]
-        descriptions: dict[str, str] = {LATEST: config.get("Description", "")}
-        for version in versions:
-            number = version.get("Version", "")
-            if number == LATEST:
+        arn = _unqualified(config.get("FunctionArn", ""))
+        latest_description = (
+            config.get("Description", "") if (config.get("Version") or LATEST) == LATEST else ""
+        )
+        entries = [DiscoveredFunction(name, name, None, LATEST, arn, latest_description, tags)]
+        descriptions: dict[str, str] = {LATEST: latest_description}
+        for version in sorted(versions, key=lambda v: _version_order(v.get("Version", ""))):
+            number = str(version.get("Version", ""))
+            if number in descriptions:
                 continue
             stats.versions += 1
             descriptions[number] = version.get("Description", "")
+            qualified = version.get("FunctionArn") or ""
             entries.append(
                 DiscoveredFunction(
-                    name=f"{name}:{number}",
-                    function_name=name,
-                    qualifier=number,
-                    version=number,
-                    arn=version.get("FunctionArn") or f"{_unqualified(arn)}:{number}",
-                    description=descriptions[number],
-                    tags=tags,
+                    f"{name}:{number}",
+                    name,
+                    number,
+                    number,
+                    qualified if qualified.endswith(f":{number}") else f"{arn}:{number}",
+                    descriptions[number],
+                    tags,
                 )
             )
         for alias in aliases:
@@ -315,14 +345,14 @@ class Lister:
             target = alias.get("FunctionVersion", "")
             entries.append(
                 DiscoveredFunction(
-                    name=f"{name}:{alias_name}",
-                    function_name=name,
-                    qualifier=alias_name,
-                    version=target,
-                    arn=alias.get("AliasArn") or f"{_unqualified(arn)}:{alias_name}",
+                    f"{name}:{alias_name}",
+                    name,
+                    alias_name,
+                    target,
+                    alias.get("AliasArn") or f"{arn}:{alias_name}",
                     # The alias's own description, else that of the version it points at.
-                    description=alias.get("Description") or descriptions.get(target, ""),
-                    tags=tags,
+                    alias.get("Description") or descriptions.get(target, ""),
+                    tags,
                 )
             )
         return entries
@@ -369,6 +399,10 @@ class Lister:
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
         return self._random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * (2**attempt)))
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (1 << 62, version)
 
 
 class _Gone(Exception):

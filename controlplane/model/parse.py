@@ -26,6 +26,7 @@ from controlplane.model.resources import (
     REGION_RE,
     AwsCredentials,
     Destination,
+    DiscoverySettings,
     Endpoint,
     Function,
     Matcher,
@@ -133,7 +134,13 @@ def _parse_secret(doc: dict[str, Any], name: str, namespace: str) -> Secret:
     return Secret(name, namespace, creds, tuple(sorted(values)))
 
 
-UPSTREAM_FIELDS = ("type", "region", "secret_ref", "endpoint", "functions", "discovery")
+UPSTREAM_FIELDS = ("type", "region", "secret_ref", "role_arn", "endpoint", "functions", "discovery")
+DISCOVERY_FIELDS = ("enabled", "name_prefix", "tags")
+# IAM's own pattern for a role ARN (any partition).
+ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$")
+NAME_PREFIX_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,140}$")
+# AWS's tag key and value rules: up to 128 / 256 characters.
+TAG_KEY_MAX, TAG_VALUE_MAX = 128, 256
 
 
 def _parse_upstream(spec: dict[str, Any], name: str, namespace: str, generation: int) -> Upstream:
@@ -157,7 +164,48 @@ def _parse_upstream(spec: dict[str, Any], name: str, namespace: str, generation:
             raise ConfigError(f"duplicate function name {fn.name!r}", field=f"spec.functions[{i}].name")
         seen.add(fn.name)
         functions.append(fn)
-    return Upstream(name, namespace, region, secret_ref, endpoint, tuple(functions), generation)
+    role_arn = _str(spec.get("role_arn"), "spec.role_arn") or None
+    if role_arn is not None and not ROLE_ARN_RE.fullmatch(role_arn):
+        raise ConfigError(
+            f"{role_arn!r} is not an IAM role ARN such as arn:aws:iam::123456789012:role/lambdagate",
+            field="spec.role_arn",
+        )
+    return Upstream(
+        name,
+        namespace,
+        region,
+        secret_ref,
+        endpoint,
+        tuple(functions),
+        generation,
+        role_arn=role_arn,
+        discovery=_parse_discovery(spec.get("discovery")),
+    )
+
+
+def _parse_discovery(raw: Any) -> DiscoverySettings:
+    spec = _mapping(raw, "spec.discovery")
+    _no_unknown(spec, DISCOVERY_FIELDS, "spec.discovery")
+    enabled = spec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"must be true or false, got {_typename(enabled)}", field="spec.discovery.enabled")
+    prefix = _str(spec.get("name_prefix"), "spec.discovery.name_prefix") or None
+    if prefix is not None and not NAME_PREFIX_RE.fullmatch(prefix):
+        raise ConfigError(
+            f"{prefix!r} is not the start of a Lambda function name (letters, digits, '-', '_' and '.')",
+            field="spec.discovery.name_prefix",
+        )
+    tags: list[tuple[str, str]] = []
+    for key, value in _mapping(spec.get("tags"), "spec.discovery.tags").items():
+        field = f"spec.discovery.tags.{key}"
+        if not isinstance(key, str) or not 0 < len(key) <= TAG_KEY_MAX:
+            raise ConfigError(f"a tag key must be 1 to {TAG_KEY_MAX} characters", field=field)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"must be a string, got {_typename(value)}", field=field)
+        if len(str(value)) > TAG_VALUE_MAX:
+            raise ConfigError(f"a tag value must be at most {TAG_VALUE_MAX} characters", field=field)
+        tags.append((key, str(value)))
+    return DiscoverySettings(enabled, prefix, tuple(sorted(tags)))
 
 
 def _parse_endpoint(raw: Any) -> Endpoint | str | None:

@@ -109,7 +109,10 @@ def resolve(
                     field=f"{fpath}.upstream",
                 )
             if up.function(dest.function) is None:
-                known = ", ".join(f.name for f in up.functions) or "none"
+                names = up.function_names()
+                known = ", ".join(names[:20]) or "none"
+                if len(names) > 20:
+                    known += f" and {len(names) - 20} more"
                 raise ConfigError(
                     f"Upstream {up.namespace}/{up.name} has no function {dest.function!r} (it has: {known})",
                     obj=str(vs.key),

@@ -90,6 +90,16 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class DiscoverySettings:
+    """`spec.discovery`: whether the discovery worker lists this Upstream's account, and which functions."""
+
+    enabled: bool = True
+    name_prefix: str | None = None
+    # Every tag given must be on the function with that value.
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     namespace: str
@@ -97,8 +107,14 @@ class Upstream:
     secret_ref: str | None
     # None: the public regional endpoint. LOCAL_ENDPOINT: the endpoint `lambdagate up` runs.
     endpoint: Endpoint | str | None
+    # The user's own entries (spec.functions). They win over discovered ones of the same name.
     functions: tuple[Function, ...]
     generation: int = 0
+    # An IAM role assumed (STS AssumeRole) with the Secret's or the default chain's credentials.
+    role_arn: str | None = None
+    discovery: DiscoverySettings = DiscoverySettings()
+    # What the discovery worker found (from status or the state file), as logical names fn, fn:3, fn:alias.
+    discovered: tuple[Function, ...] = ()
 
     @property
     def key(self) -> ObjectKey:
@@ -108,10 +124,33 @@ class Upstream:
         for fn in self.functions:
             if fn.name == name:
                 return fn
+        if self.discovered:
+            return _discovered_index(self.discovered).get(name)
         return None
+
+    def function_names(self) -> list[str]:
+        """Every logical name a route may use: the spec's, then the discovered ones it does not shadow."""
+        own = [fn.name for fn in self.functions]
+        taken = set(own)
+        return own + [fn.name for fn in self.discovered if fn.name not in taken]
 
     def default_endpoint(self) -> Endpoint:
         return Endpoint("https", f"lambda.{self.region}.amazonaws.com", 443)
+
+
+_INDEX_CACHE: dict[int, tuple[tuple[Function, ...], dict[str, Function]]] = {}
+
+
+def _discovered_index(functions: tuple[Function, ...]) -> dict[str, Function]:
+    """A name index over a discovered tuple (tens of thousands of names), built once per tuple."""
+    cached = _INDEX_CACHE.get(id(functions))
+    if cached is not None and cached[0] is functions:
+        return cached[1]
+    index = {fn.name: fn for fn in functions}
+    if len(_INDEX_CACHE) > 64:
+        _INDEX_CACHE.clear()
+    _INDEX_CACHE[id(functions)] = (functions, index)
+    return index
 
 
 @dataclass(frozen=True)

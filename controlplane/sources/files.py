@@ -6,15 +6,18 @@ A bad file or document is reported with its file, object and field; its last goo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from controlplane.model import ConfigError, ObjectKey
+from controlplane.model.discovered import DiscoveryRecord, parse_record, with_discovered
 from controlplane.model.parse import Resource, object_key, parse_document
-from controlplane.model.resources import Endpoint
+from controlplane.model.resources import Endpoint, Upstream
 from controlplane.sources.base import LastGood, LoadResult
 
 __all__ = ["FileSource", "LoadResult"]
@@ -24,6 +27,61 @@ log = logging.getLogger("lambdagate.sources.files")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Sub-folders that hold other things than resources: handlers for the local endpoint, discovery state.
 SKIPPED_DIRS = ("functions", ".lambdagate")
+# What `lambdagate discover` found for each Upstream of the folder: the file source's stand-in for status.
+STATE_DIR = ".lambdagate"
+STATE_FILE = "discovery.json"
+
+
+def state_path(config_dir: Path) -> Path:
+    return config_dir / STATE_DIR / STATE_FILE
+
+
+class DiscoveryState:
+    """Reads the discovery state file, keeping the last good reading when it is broken or half-written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[tuple[str, str], DiscoveryRecord] = {}
+        self.raw: dict[str, Any] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._reported: str | None = None
+
+    def read(self) -> dict[tuple[str, str], DiscoveryRecord]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.records, self.raw, self._stamp = {}, {}, None
+            return self.records
+        except OSError:
+            return self.records
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return self.records
+        self._stamp = stamp
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            upstreams = doc.get("upstreams") if isinstance(doc, dict) else None
+            if not isinstance(upstreams, dict):
+                raise ValueError("'upstreams' must be a mapping of namespace/name to what was found")
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            self._report(f"{self.path}: cannot be read ({err}); keeping the functions read before")
+            return self.records
+        records: dict[tuple[str, str], DiscoveryRecord] = {}
+        problems: list[str] = []
+        for key, entry in upstreams.items():
+            namespace, _, name = str(key).partition("/")
+            record, found = parse_record(entry)
+            problems += [f"Upstream {key}: {p}" for p in found]
+            if record is not None and name:
+                records[(namespace, name)] = record
+        self._report("; ".join(problems) if problems else None)
+        self.records, self.raw = records, upstreams
+        return records
+
+    def _report(self, text: str | None) -> None:
+        if text != self._reported and text:
+            log.error("discovery state %s: %s", self.path, text)
+        self._reported = text
 
 
 class FileSource:
@@ -33,6 +91,7 @@ class FileSource:
         self.config_dir = config_dir
         self.local_endpoint = local_endpoint
         self._good: LastGood[Path] = LastGood(local_endpoint=local_endpoint)
+        self.discovery = DiscoveryState(state_path(config_dir))
 
     def files(self) -> list[Path]:
         if not self.config_dir.is_dir():
@@ -96,6 +155,10 @@ class FileSource:
                     continue
                 objects[obj.key] = (obj, path)
                 defined.add(obj.key)
+        discovered = self.discovery.read()
+        for key, (obj, origin) in list(objects.items()):
+            if isinstance(obj, Upstream):
+                objects[key] = (with_discovered(obj, discovered.get((obj.namespace, obj.name))), origin)
         result = self._good.settle(
             objects, parse_errors, failed=failed, where=lambda p: str(p.relative_to(self.config_dir))
         )

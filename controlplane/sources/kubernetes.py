@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from controlplane.model import ConfigError, ObjectKey
+from controlplane.model.discovered import LISTED, DiscoveryRecord, parse_record, with_discovered
 from controlplane.model.parse import Resource, object_key, parse_document
 from controlplane.model.resources import KIND_SECRET, KIND_UPSTREAM, KIND_VIRTUAL_SERVICE, Endpoint, Upstream
 from controlplane.sources.base import LastGood, LoadResult
@@ -306,6 +307,8 @@ class KubernetesSource:
         self._watchers: dict[str, Watcher] = {}
         self._secret_watchers: dict[ObjectKey, Watcher] = {}
         self._written: dict[ObjectKey, dict[str, Any]] = {}
+        self._record_problems: dict[ObjectKey, str] = {}
+        self._records: dict[ObjectKey, tuple[Any, DiscoveryRecord | None]] = {}
         self._listed: set[str] = set()
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -483,11 +486,48 @@ class KubernetesSource:
                 if previous is not None:
                     objects[key] = previous
                 continue
+            if isinstance(obj, Upstream):
+                obj = with_discovered(obj, self._record(key, raw))
             if obj is not None:
                 objects[obj.key] = (obj, None)
+        for key, (obj, _) in list(objects.items()):
+            if isinstance(obj, Upstream) and key in failed:
+                # A last good version serves with what discovery found since, not what it found then.
+                objects[key] = (with_discovered(obj, self._record(key, self._store.objects[key])), None)
         result = self._good.settle(objects, parse_errors, failed=failed)
         self._good.report(result, log, "the cluster")
         return result
+
+    def _record(self, key: ObjectKey, raw: dict[str, Any]) -> DiscoveryRecord | None:
+        """What the discovery worker wrote into this Upstream's status; bad entries are skipped and logged."""
+        version = (raw.get("metadata") or {}).get("resourceVersion")
+        cached = self._records.get(key)
+        if cached is not None and version is not None and cached[0] == version:
+            return cached[1]
+        record, problems = parse_record(raw.get("status"))
+        self._records[key] = (version, record)
+        text = "; ".join(problems)
+        if text and self._record_problems.get(key) != text:
+            log.error("%s: discovered functions in status: %s (those entries are ignored)", key, text)
+        self._record_problems[key] = text
+        return record
+
+    def discovery_records(self) -> dict[ObjectKey, DiscoveryRecord | None]:
+        """What the discovery worker last wrote into each Upstream's status, as the watch last saw it."""
+        return {
+            key: self._record(key, raw)
+            for key, raw in list(self._store.objects.items())
+            if key.kind == KIND_UPSTREAM
+        }
+
+    def patch_status(self, key: ObjectKey, status: dict[str, Any]) -> None:
+        """Merge-patch some status fields of one object (the discovery worker's; blocking)."""
+        assert self.client is not None
+        try:
+            self.client.patch_status(self._object_path(key), status)
+        except KubeError as err:
+            if err.status != 404:  # deleted meanwhile: nothing to write on
+                raise
 
     # --- status -------------------------------------------------------------------------------------------
 
@@ -536,9 +576,28 @@ class KubernetesSource:
             "conditions": conditions,
         }
         if key.kind == KIND_UPSTREAM:
-            spec_functions = (raw.get("spec") or {}).get("functions")
+            up = next((u for u in result.config.upstreams if u.key == key), None)
+            if isinstance(up, Upstream):
+                count = len(up.function_names())
+            else:
+                spec_functions = (raw.get("spec") or {}).get("functions")
+                count = len(spec_functions) if isinstance(spec_functions, list) else 0
             # What `kubectl get upstreams` shows under FUNCTIONS (a CRD column cannot count a list itself).
-            status["functionCount"] = len(spec_functions) if isinstance(spec_functions, list) else 0
+            status["functionCount"] = count
+            record = self._record(key, raw)
+            if record is not None:
+                # The worker writes status.discovery; the condition mirrors it where tools look for conditions.
+                ok = record.state == LISTED
+                conditions.append(
+                    _condition(
+                        previous,
+                        "Discovered",
+                        ok,
+                        "Listed" if ok else (record.reason or record.state),
+                        record.message or ("functions listed" if ok else record.state),
+                        generation,
+                    )
+                )
         return status
 
     def write_status(self, result: LoadResult) -> None:

@@ -110,8 +110,8 @@ def test_lists_latest_versions_and_aliases(server: LocalLambda) -> None:
     # `trail_` is a Lambda name but no valid logical name: skipped and counted.
     assert stats.skipped_invalid == 1
     assert (stats.functions, stats.versions, stats.aliases) == (3, 2, 2)
-    # One ListFunctions page, then ListVersionsByFunction and ListAliases per function.
-    assert stats.api_calls == 1 + 3 * 2
+    # One ListFunctions page (FunctionVersion=ALL: versions included), then ListAliases per function.
+    assert stats.api_calls == 1 + 3
     assert stats.throttled == 0
     assert 1 <= stats.max_in_flight <= 8
     assert stats.seconds > 0
@@ -122,13 +122,13 @@ def test_name_prefix_and_tag_filters(server: LocalLambda) -> None:
     found, stats = _list(lister, _account(server), Filters(name_prefix="us"))
     assert [f.name for f in found] == ["users"]
     assert found[0].tags == ()  # tags are only fetched for tag filters
-    assert stats.api_calls == 1 + 2
+    assert stats.api_calls == 1 + 1
     assert stats.functions == 1
 
     found, stats = _list(lister, _account(server), Filters(tags=(("team", "shop"),)))
     assert [f.name for f in found] == ["orders", "orders:1", "orders:2", "orders:beta", "orders:live"]
     assert all(f.tags == (("env", "prod"), ("team", "shop")) for f in found)
-    assert stats.api_calls == 1 + 3 + 2  # ListTags for each function, versions and aliases for orders
+    assert stats.api_calls == 1 + 3 + 1  # ListTags for each function, ListAliases for orders
 
     found, _ = _list(lister, _account(server), Filters(tags=(("env", "prod"), ("team", "core"))))
     assert [f.name for f in found] == ["users"]
@@ -162,8 +162,8 @@ def test_synthetic_catalogue_call_count_and_concurrency(synthetic_server: LocalL
         ),
     ]
     assert [f.name for f in found] == sorted(f.name for f in found)
-    # ListFunctions pages of 50, 50, 20; then one ListVersionsByFunction and one ListAliases each.
-    assert stats.api_calls == 3 + 120 + 120
+    # 480 entries ($LATEST and 3 versions each) in ListFunctions pages of 50; then ListAliases per function.
+    assert stats.api_calls == 10 + 120
     assert (stats.functions, stats.versions, stats.aliases) == (120, 360, 240)
 
     # With the endpoint slow, calls overlap, never past the bound.
@@ -173,7 +173,7 @@ def test_synthetic_catalogue_call_count_and_concurrency(synthetic_server: LocalL
     finally:
         synthetic_server.latency_s = 0.0
     assert 1 < stats.max_in_flight <= 4
-    assert stats.api_calls == 243
+    assert stats.api_calls == 130
 
 
 def test_wrong_secret_is_a_signature_error(server: LocalLambda) -> None:
@@ -271,16 +271,19 @@ def test_function_deleted_mid_listing_is_skipped() -> None:
     def route(path: str) -> Answer:
         if "/functions/gone/" in path:
             return 404, {"Message": "Function not found: " + ARN + "gone"}, "ResourceNotFoundException"
-        if "/functions/kept/versions" in path:
-            return 200, {"Versions": [{"Version": "$LATEST", "FunctionArn": ARN + "kept:$LATEST"}]}, None
         if "/functions/kept/aliases" in path:
             return 200, {"Aliases": []}, None
-        functions = [{"FunctionName": n, "FunctionArn": ARN + n} for n in ("gone", "kept")]
+        assert "FunctionVersion=ALL" in path
+        functions = [
+            {"FunctionName": n, "FunctionArn": f"{ARN}{n}:{v}", "Version": v}
+            for n in ("gone", "kept")
+            for v in ("$LATEST", "1")
+        ]
         return 200, {"Functions": functions}, None
 
     with _StandIn(route) as account:
         found, stats = _list(Lister(), account)
-    assert [(f.name, f.arn) for f in found] == [("kept", ARN + "kept")]
+    assert [(f.name, f.arn) for f in found] == [("kept", ARN + "kept"), ("kept:1", ARN + "kept:1")]
     assert stats.skipped_deleted == 1
     assert stats.functions == 1
 

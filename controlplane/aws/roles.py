@@ -1,0 +1,114 @@
+"""Credentials for an Upstream's `role_arn`: STS AssumeRole with the Secret's keys or the default chain.
+
+botocore does the assuming and refreshing (`AssumeRoleCredentialFetcher`, `DeferredRefreshableCredentials`),
+as the AWS CLI does for a profile's role_arn. `RoleCredentials` keeps one role's current keys for the request
+path: they are refreshed in a thread ahead of expiry, so no request ever waits on STS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from botocore.credentials import ReadOnlyCredentials
+
+from controlplane.aws.signing import CredentialsUnavailable
+from controlplane.model import AwsCredentials
+
+log = logging.getLogger("lambdagate.aws")
+
+SESSION_NAME = "lambdagate"
+
+
+def assume_role_credentials(base: AwsCredentials | None, role_arn: str, region: str) -> Any:
+    """Refreshable credentials of `role_arn`, assumed (lazily, on first use) with `base` or the default chain."""
+    import botocore.session
+    from botocore.credentials import (
+        AssumeRoleCredentialFetcher,
+        Credentials,
+        DeferredRefreshableCredentials,
+    )
+
+    source_session = botocore.session.Session()
+    if base is not None:
+        source = Credentials(base.access_key, base.secret_key, base.session_token)
+    else:
+        source = source_session.get_credentials()
+        if source is None:
+            raise CredentialsUnavailable(f"no credentials to assume {role_arn} with")
+
+    def sts_client(service: str, **kwargs: Any) -> Any:
+        return source_session.create_client(service, region_name=region, **kwargs)
+
+    fetcher = AssumeRoleCredentialFetcher(
+        sts_client, source, role_arn, extra_args={"RoleSessionName": SESSION_NAME}
+    )
+    return DeferredRefreshableCredentials(refresh_using=fetcher.fetch_credentials, method="assume-role")
+
+
+def assumed_role_session(base: AwsCredentials | None, role_arn: str, region: str) -> Any:
+    """A botocore session whose clients sign as `role_arn` (refreshing the role's keys as they expire)."""
+    import botocore.session
+    from botocore.credentials import CredentialProvider, CredentialResolver
+
+    credentials = assume_role_credentials(base, role_arn, region)
+
+    class Assumed(CredentialProvider):  # type: ignore[misc]
+        METHOD = "assume-role"
+
+        def load(self) -> Any:
+            return credentials
+
+    session = botocore.session.Session()
+    session.register_component("credential_provider", CredentialResolver([Assumed()]))
+    return session
+
+
+class RoleCredentials:
+    """One role's keys for ext_proc: `current()` never blocks; `refresh()` (in a thread) renews them."""
+
+    def __init__(self, base: AwsCredentials | None, role_arn: str, region: str) -> None:
+        self.role_arn = role_arn
+        self._base = base
+        self._region = region
+        self._credentials: Any = None
+        self._frozen: ReadOnlyCredentials | None = None
+        self._error: str | None = "not assumed yet"
+        self._lock = threading.Lock()
+
+    def current(self) -> ReadOnlyCredentials:
+        frozen = self._frozen
+        if frozen is None:
+            raise CredentialsUnavailable(f"role {self.role_arn}: {self._error}")
+        return frozen
+
+    def refresh(self) -> None:
+        """Blocking: assume the role if needed (botocore renews it 15 minutes before it expires)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        with self._lock:
+            try:
+                if self._credentials is None:
+                    self._credentials = assume_role_credentials(self._base, self.role_arn, self._region)
+                self._frozen = self._credentials.get_frozen_credentials()
+                self._error = None
+            except (BotoCoreError, ClientError, CredentialsUnavailable) as err:
+                # Keep the last keys while they last: STS being away must not stop requests.
+                message = str(err)
+                if self._base is not None:
+                    message = message.replace(self._base.secret_key, "***")
+                self._error = f"assuming the role failed: {type(err).__name__}: {message}"
+                if self._frozen is None:
+                    log.error("role %s: %s", self.role_arn, self._error)
+                else:
+                    log.warning("role %s: %s; keeping the current keys", self.role_arn, self._error)
+
+    async def keep_fresh(self, stop: asyncio.Event, check_every_s: float = 30.0) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.refresh)
+            try:
+                await asyncio.wait_for(stop.wait(), check_every_s)
+            except asyncio.TimeoutError:
+                pass
