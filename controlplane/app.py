@@ -74,6 +74,7 @@ class ControlPlane:
         self._stop: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._chain_task: asyncio.Task[None] | None = None
+        self._roles_task: asyncio.Task[None] | None = None
 
     async def apply(self, result: LoadResult) -> None:
         """Install a loaded configuration: ext_proc's routes first, so Envoy never routes to an unknown name."""
@@ -96,6 +97,14 @@ class ControlPlane:
         except ValueError as err:  # a translate bug; keep serving the previous snapshot
             log.error("not pushing an inconsistent snapshot: %s", err)
             return
+        roles = [t for t in translation.route_table.values() if t.role_arn]
+        if roles:
+            for t in roles:
+                self.routes.roles.get(t.credentials, t.role_arn or "", t.region)
+            await self.routes.roles.assume_new()
+            if self._roles_task is None and self._stop is not None:
+                self._roles_task = asyncio.create_task(self.routes.roles.keep_fresh(self._stop))
+                self._tasks.append(self._roles_task)
         # ext_proc learns the routes before Envoy does, so Envoy never routes to a name ext_proc lacks.
         self.routes.update(translation.route_table, snapshot.versions[ROUTE_TYPE])
         self.translation = translation

@@ -235,7 +235,7 @@ class MotoServer:
                     "Statement": [
                         {
                             "Effect": "Allow",
-                            "Action": ["lambda:*", "iam:PassRole", "iam:CreateRole", "iam:GetRole"],
+                            "Action": ["lambda:*", "iam:PassRole", "iam:CreateRole", "iam:GetRole", "sts:AssumeRole"],
                             "Resource": "*",
                         }
                     ],

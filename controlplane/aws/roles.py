@@ -78,6 +78,10 @@ class RoleCredentials:
         self._error: str | None = "not assumed yet"
         self._lock = threading.Lock()
 
+    @property
+    def ready(self) -> bool:
+        return self._frozen is not None
+
     def current(self) -> ReadOnlyCredentials:
         frozen = self._frozen
         if frozen is None:
@@ -86,15 +90,13 @@ class RoleCredentials:
 
     def refresh(self) -> None:
         """Blocking: assume the role if needed (botocore renews it 15 minutes before it expires)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         with self._lock:
             try:
                 if self._credentials is None:
                     self._credentials = assume_role_credentials(self._base, self.role_arn, self._region)
                 self._frozen = self._credentials.get_frozen_credentials()
                 self._error = None
-            except (BotoCoreError, ClientError, CredentialsUnavailable) as err:
+            except Exception as err:  # noqa: BLE001 - botocore raises many kinds (parser errors too)
                 # Keep the last keys while they last: STS being away must not stop requests.
                 message = str(err)
                 if self._base is not None:
@@ -105,10 +107,46 @@ class RoleCredentials:
                 else:
                     log.warning("role %s: %s; keeping the current keys", self.role_arn, self._error)
 
+
+class RoleCache:
+    """The roles routes sign as, one `RoleCredentials` per (keys, role, region), shared by every route."""
+
+    def __init__(self) -> None:
+        self._roles: dict[tuple[AwsCredentials | None, str, str], RoleCredentials] = {}
+
+    def get(self, base: AwsCredentials | None, role_arn: str, region: str) -> RoleCredentials:
+        key = (base, role_arn, region)
+        role = self._roles.get(key)
+        if role is None:
+            role = self._roles[key] = RoleCredentials(base, role_arn, region)
+        return role
+
+    def retain(self, in_use: set[RoleCredentials]) -> None:
+        self._roles = {k: r for k, r in self._roles.items() if r in in_use}
+
+    def __len__(self) -> int:
+        return len(self._roles)
+
+    async def assume_new(self, timeout_s: float = 10.0) -> None:
+        """Assume the roles that have no keys yet, so a new route's first request finds them ready."""
+        new = [r for r in self._roles.values() if not r.ready]
+        if new:
+            pending = [asyncio.to_thread(r.refresh) for r in new]
+            try:
+                await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "assuming %d role(s) takes longer than %.0f s; requests fail until then",
+                    len(new),
+                    timeout_s,
+                )
+
     async def keep_fresh(self, stop: asyncio.Event, check_every_s: float = 30.0) -> None:
+        """Renew every role ahead of expiry (botocore refreshes within 15 minutes of it), off the loop."""
         while not stop.is_set():
-            await asyncio.to_thread(self.refresh)
             try:
                 await asyncio.wait_for(stop.wait(), check_every_s)
             except asyncio.TimeoutError:
                 pass
+            for role in list(self._roles.values()):
+                await asyncio.to_thread(role.refresh)

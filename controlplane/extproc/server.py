@@ -32,6 +32,7 @@ from controlplane.aws.responses import (
     json_error,
     unwrap_proxy_response,
 )
+from controlplane.aws.roles import RoleCache, RoleCredentials
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen, sign_invoke
 from controlplane.model.routes import RouteTarget
 
@@ -55,6 +56,8 @@ class CompiledTarget:
     scheme: str
     # botocore's ReadOnlyCredentials is a namedtuple whose repr shows the secret.
     credentials: ReadOnlyCredentials | None = field(repr=False)
+    # The role's keys, kept fresh off the request path (routes with role_arn only).
+    role: RoleCredentials | None = field(default=None, repr=False)
 
 
 class RouteTable:
@@ -64,7 +67,8 @@ class RouteTable:
     or with a slow Envoy, requests keep arriving with route names of an older configuration.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, roles: RoleCache | None = None) -> None:
+        self.roles = roles or RoleCache()
         self._generations: dict[str, dict[str, CompiledTarget]] = {}
         self._current = ""
         self._in_use: set[str] = set()
@@ -81,7 +85,8 @@ class RouteTable:
                 regex = re.compile(m.value)
             route = RouteInfo(t.resource, t.stage, regex, m.value if m.kind == "prefix" else None)
             creds = frozen(t.credentials) if t.credentials else None
-            compiled[name] = CompiledTarget(t, route, t.scheme, creds)
+            role = self.roles.get(t.credentials, t.role_arn, t.region) if t.role_arn else None
+            compiled[name] = CompiledTarget(t, route, t.scheme, creds, role)
         self._generations[version] = compiled
         self._current = version
         self._rebuild()
@@ -101,6 +106,7 @@ class RouteTable:
         # Names hash their target, so generations agree on a shared name; the newest credentials win.
         merged.update(self._generations.get(self._current, {}))
         self._merged = merged
+        self.roles.retain({t.role for t in merged.values() if t.role is not None})
 
     @property
     def generations(self) -> int:
@@ -226,7 +232,10 @@ class Processor:
         event = build_v1_event(http, self.target.route)
         payload = json.dumps(event, separators=(",", ":")).encode()
         try:
-            creds = self.target.credentials or self.server.default_chain.current()
+            if self.target.role is not None:
+                creds = self.target.role.current()
+            else:
+                creds = self.target.credentials or self.server.default_chain.current()
         except CredentialsUnavailable as err:
             log.error("request %s: route %s: no AWS credentials: %s", self.request_id, t.route_name, err)
             return self._immediate(

@@ -353,7 +353,9 @@ class LocalLambda:
         latency_s: float = 0.0,
         synthetic: int = 0,
         synthetic_tags: dict[str, str] | None = None,
+        rescan_s: float = 1.0,
     ) -> None:
+        """`rescan_s`: how often at most the folder is checked for changed handlers and functions.yaml."""
         if isinstance(synthetic, bool) or not isinstance(synthetic, int) or synthetic < 0:
             raise ValueError(f"synthetic must be a non-negative integer, not {synthetic!r}")
         self._host = host
@@ -362,7 +364,12 @@ class LocalLambda:
         self._log = log or logging.getLogger("lambdagate.locallambda")
         self.latency_s = latency_s
         self._registry = FunctionRegistry(
-            Path(functions_dir), self._log, region=region, synthetic=synthetic, synthetic_tags=synthetic_tags
+            Path(functions_dir),
+            self._log,
+            region=region,
+            synthetic=synthetic,
+            synthetic_tags=synthetic_tags,
+            check_interval=rescan_s,
         )
         self._read_api = ReadApi(self._registry, region, self._run_in_pool)
         self._verifier = SigV4Verifier(credentials, service="lambda", region=region)

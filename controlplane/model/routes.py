@@ -29,3 +29,5 @@ class RouteTarget:
     matcher: Matcher
     resource: str
     stage: str
+    # Assumed (STS AssumeRole) with `credentials` or the default chain before signing; None: sign as is.
+    role_arn: str | None = None

@@ -339,7 +339,9 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 clusters[cname] = lambda_cluster(ep, options)
             secret = config.secret(up.namespace, up.secret_ref) if up.secret_ref else None
             path = invoke_path(fn.function_name, fn.qualifier)
-            key = repr((route.matcher, path, ep, up.region, vs.stage, up.namespace, up.name, fn.name))
+            key = repr(
+                (route.matcher, path, ep, up.region, vs.stage, up.namespace, up.name, fn.name, up.role_arn)
+            )
             name = route_name(vs.namespace, vs.name, i, key)
             table[name] = RouteTarget(
                 route_name=name,
@@ -356,6 +358,7 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 matcher=route.matcher,
                 resource=route.matcher.resource,
                 stage=vs.stage,
+                role_arn=up.role_arn,
             )
             routes.append(
                 route_components_pb2.Route(

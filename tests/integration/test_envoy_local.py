@@ -350,6 +350,65 @@ def test_only_the_signed_invoke_request_reaches_lambda(tmp_path: Path, loop_thre
     SigV4Verifier({"AKIDLOCAL": SECRET}).verify("POST", path, headers, body)
 
 
+def test_role_arn_signs_with_the_assumed_role(
+    tmp_path: Path, loop_thread: LoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """role_arn: the Secret's keys assume the role at moto's STS (signatures checked); Lambda sees the role's."""
+    from harness import MotoServer
+
+    server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.seen = []
+    folder = tmp_path / "config"
+    folder.mkdir()
+    port = free_port()
+    try:
+        with MotoServer() as moto:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_STS", moto.url)
+            trust = {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+            }
+            role = moto.client("iam").create_role(
+                RoleName="invoker", AssumeRolePolicyDocument=json.dumps(trust)
+            )["Role"]
+            text = config(moto.access_key, moto.secret_key).replace(
+                "endpoint: local",
+                f"endpoint: http://127.0.0.1:{server.server_port}\n  role_arn: {role['Arn']}",
+            )
+            (folder / "api.yaml").write_text(text)
+            with control_plane(loop_thread, folder, listen_port=port) as cp, Envoy(cp.port) as envoy:
+                envoy.wait_listening(port)
+                r = http("POST", f"http://127.0.0.1:{port}/echo/a", b"hello")
+                assert r.status == 200 and r.body == b"recorded"
+
+                # Keys STS refuses (a wrong secret): no role, so nothing is signed and nothing forwarded.
+                (folder / "api.yaml").write_text(
+                    config(moto.access_key, "wrong-secret").replace(
+                        "endpoint: local",
+                        f"endpoint: http://127.0.0.1:{server.server_port}\n  role_arn: {role['Arn']}x",
+                    )
+                )
+                wait_until(
+                    lambda: http("POST", f"http://127.0.0.1:{port}/echo/b", b"x").status == 502,
+                    10,
+                    what="the route with the unassumable role to answer 502",
+                )
+                forwarded = len(_Recorder.seen)
+                r = http("POST", f"http://127.0.0.1:{port}/echo/c", b"x")
+                assert r.status == 502 and "no AWS credentials" in r.json()["message"]
+                assert len(_Recorder.seen) == forwarded, "an unsigned request reached Lambda"
+    finally:
+        server.shutdown()
+        server.server_close()
+    _, headers, _ = _Recorder.seen[0]
+    sent = {k.lower(): v for k, v in headers}
+    credential = sent["authorization"].split("Credential=", 1)[1].split("/", 1)[0]
+    # moto's STS hands out temporary keys (ASIA...) with a session token: those signed the request.
+    assert credential != moto.access_key and credential.startswith("ASIA"), credential
+    assert sent["x-amz-security-token"]
+
+
 def test_unreachable_lambda_endpoint_is_a_json_503(tmp_path: Path, loop_thread: LoopThread) -> None:
     closed = free_port()  # nothing listens here
     text = config().replace("endpoint: local", f"endpoint: http://127.0.0.1:{closed}")

@@ -151,3 +151,53 @@ def test_envoy_dies_with_a_killed_up(petstore) -> None:
     proc.kill()  # no cleanup can run: the kernel's parent-death signal must still stop Envoy
     proc.wait()
     wait_until(lambda: not any(alive(pid) for pid in kids), 10, what="Envoy to follow its parent")
+
+
+def test_a_function_added_to_the_folder_becomes_routable(petstore) -> None:
+    """Function discovery in `up`: a new handler is routable without touching the Upstream."""
+    import time
+
+    proc, port, config, log_path = petstore
+    base = f"http://127.0.0.1:{port}"
+    upstream_text = (config / "petstore.yaml").read_text().split("kind: VirtualService")[0]
+    (config / "functions" / "hello.py").write_text(
+        "def handler(event, context):\n"
+        "    return {'statusCode': 200, 'body': 'hello from ' + context.function_name}\n"
+    )
+    with open(config / "functions" / "functions.yaml", "a") as f:
+        f.write("- name: HelloFunction\n  handler: hello.handler\n  aliases: {live: $LATEST}\n")
+    added = time.monotonic()
+    # A route naming the discovered function, its alias included, in a VirtualService of its own.
+    (config / "hello.yaml").write_text(
+        "apiVersion: lambdagate.io/v1\nkind: VirtualService\nmetadata: {name: hello}\n"
+        "spec:\n  domains: [hello.test]\n  routes:\n"
+        "  - matcher: {path: /hello}\n"
+        "    destination: {upstream: petstore-lambdas, function: HelloFunction}\n"
+        "  - matcher: {path: /hello/live}\n"
+        "    destination: {upstream: petstore-lambdas, function: 'HelloFunction:live'}\n"
+    )
+    headers = {"host": "hello.test"}
+    wait_until(lambda: http("GET", base + "/hello", headers=headers).status == 200, 10, what="/hello")
+    took = time.monotonic() - added
+    assert http("GET", base + "/hello", headers=headers).body == b"hello from HelloFunction"
+    assert http("GET", base + "/hello/live", headers=headers).status == 200
+    assert took < 5, f"took {took:.1f} s"
+    assert (config / "petstore.yaml").read_text().split("kind: VirtualService")[0] == upstream_text
+    state = json.loads((config / ".lambdagate" / "discovery.json").read_text())
+    found = state["upstreams"]["default/petstore-lambdas"]
+    assert found["discovery"]["state"] == "Listed"
+    assert {"function_name": "HelloFunction", "aliases": {"live": "$LATEST"}} in found["functions"]
+    # The existing routes never stopped.
+    assert http("GET", base + "/pets").status == 200
+
+    # Removing it again: gone after one listing, and its routes with it.
+    (config / "functions" / "functions.yaml").write_text(
+        (config / "functions" / "functions.yaml").read_text().split("- name: HelloFunction")[0]
+    )
+    wait_until(
+        lambda: "HelloFunction" not in (config / ".lambdagate" / "discovery.json").read_text(),
+        10,
+        what="the deleted function to leave the state file",
+    )
+    wait_until(lambda: http("GET", base + "/hello", headers=headers).status == 404, 10, what="/hello gone")
+    assert http("GET", base + "/pets").status == 200

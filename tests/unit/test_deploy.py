@@ -27,8 +27,10 @@ import yaml
 from controlplane.bootstrap import bootstrap_yaml
 from controlplane.cli import build_parser
 from controlplane.model import ConfigError, parse_document
-from controlplane.model.resources import HTTP_METHODS
+from controlplane.model.discovered import FAILED, LISTED, TOO_LARGE, DiscoveryRecord, ListedFunction
+from controlplane.model.resources import HTTP_METHODS, DiscoverySettings
 from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
+from discovery.service import LEASE_NAME as DISCOVERY_LEASE
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -159,6 +161,9 @@ def crd_errors(node: dict[str, Any], value: Any, path: str = "") -> list[str]:
         for key, sub in node.get("properties", {}).items():
             if key in value:
                 errs += crd_errors(sub, value[key], f"{path}.{key}")
+        if isinstance(node.get("additionalProperties"), dict):
+            for key, item in value.items():
+                errs += crd_errors(node["additionalProperties"], item, f"{path}.{key}")
     if "oneOf" in node:
         passing = sum(not crd_errors(alt, value, path) for alt in node["oneOf"])
         if passing != 1:
@@ -358,6 +363,7 @@ def _resolve(s: dict[str, Any], json_path: str) -> dict[str, Any] | None:
                 ("Region", ".spec.region"),
                 ("Functions", ".status.functionCount"),
                 ("State", ".status.state"),
+                ("Discovery", ".status.discovery.state"),
                 ("Age", ".metadata.creationTimestamp"),
             ],
         ),
@@ -381,6 +387,10 @@ def test_printer_columns_name_fields_of_the_schema(plural: str, columns: list[tu
         if col["type"] in ("string", "integer"):
             assert node["type"] in (col["type"], "array"), col
     assert got[-1]["type"] == "date"
+    # Only -o wide shows the discovery state: the default table (and scripts reading it) keep their columns.
+    assert [c["name"] for c in got if c.get("priority", 0) > 0] == (
+        ["Discovery"] if plural == "upstreams" else []
+    )
 
 
 @pytest.mark.parametrize("plural", ["upstreams", "virtualservices"])
@@ -400,7 +410,13 @@ def test_status_schema(plural: str) -> None:
         "observedGeneration",
     }
     if plural == "upstreams":
-        assert status["functions"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+        # What the discovery worker writes (DiscoveryRecord.to_status), typed rather than left open.
+        assert status["discovery"]["properties"]["state"]["enum"] == [LISTED, FAILED, TOO_LARGE]
+        assert set(status["discovery"]["properties"]) == {"state", "reason", "message", "functionCount", "names"}
+        item = status["functions"]["items"]
+        assert set(item["properties"]) == {"function_name", "versions", "aliases"}
+        assert item["required"] == ["function_name"]
+        assert "x-kubernetes-preserve-unknown-fields" not in item
         assert status["functionCount"]["type"] == "integer"
 
 
@@ -421,12 +437,68 @@ def test_status_written_by_the_control_plane_is_accepted() -> None:
         states[key.name] = status["state"]
         assert crd_accepts({**raw, "status": status}), status
     assert states == {"lambdas": "Accepted", "empty": "Warning", "broken": "Rejected", "pets": "Accepted"}
-    extra = {"functionCount": 2, "functions": [{"name": "f", "function_name": "f", "qualifier": "live"}]}
-    assert crd_accepts({**good, "status": {"state": "Accepted", **extra}})
+    assert crd_accepts({**good, "status": {"state": "Accepted", "functionCount": 2}})
     assert not crd_accepts({**vs_doc(), "status": {"state": "Fine"}})
     assert not crd_accepts({**vs_doc(), "status": {"conditions": [{"type": "A", "status": "Yes"}]}})
     when = {"type": "A", "status": "True", "lastTransitionTime": "yesterday"}
     assert not crd_accepts({**vs_doc(), "status": {"conditions": [when]}})
+
+
+LISTED_FUNCTIONS = (
+    ListedFunction("hello", ("1", "2", "10"), (("live", "10"), ("prev", "2"))),
+    ListedFunction("bye"),
+)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(DiscoveryRecord(LISTED, functions=LISTED_FUNCTIONS), id="Listed"),
+        pytest.param(DiscoveryRecord(LISTED), id="Listed, no functions"),
+        pytest.param(
+            DiscoveryRecord(
+                FAILED,
+                "InvalidSignatureException",
+                "ListFunctions was refused: the request signature does not match",
+                LISTED_FUNCTIONS,
+            ),
+            id="Failed, last known kept",
+        ),
+        pytest.param(DiscoveryRecord(TOO_LARGE, "TooLarge", "narrow the listing"), id="TooLarge"),
+    ],
+)
+def test_status_written_by_the_discovery_worker_is_accepted(record: DiscoveryRecord) -> None:
+    # The worker merge-patches status.discovery and status.functions; the control plane then adds its own
+    # fields and the Discovered condition. Both together must fit the schema.
+    written = record.to_status()
+    meta = {"name": "lambdas", "namespace": "team", "generation": 1}
+    doc = {**upstream_doc(functions=[], secret_ref=None), "metadata": meta}
+    assert crd_accepts({**doc, "status": written}), written
+    src = KubernetesSource(KubeSettings())
+    src._store.put("Upstream", {**doc, "status": written})
+    result = src.load()
+    ((key, raw),) = src._store.objects.items()
+    status = {**written, **src.status_for(key, raw, result)}
+    assert crd_accepts({**doc, "status": status}), status
+    discovered = {c["type"]: c for c in status["conditions"]}["Discovered"]
+    assert discovered["status"] == ("True" if record.state == LISTED else "False")
+    assert status["functionCount"] == record.name_count()
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        pytest.param({"discovery": {"state": "Done"}}, id="unknown discovery state"),
+        pytest.param({"discovery": {"state": "Listed", "functionCount": "2"}}, id="count as a string"),
+        pytest.param({"functions": [{"versions": ["1"]}]}, id="function without function_name"),
+        pytest.param({"functions": [{"function_name": "f", "versions": "1"}]}, id="versions not a list"),
+        pytest.param({"functions": [{"function_name": "f", "versions": [1]}]}, id="version as a number"),
+        pytest.param({"functions": [{"function_name": "f", "aliases": {"live": 1}}]}, id="alias to a number"),
+        pytest.param({"functions": [{"function_name": "f", "aliases": ["live"]}]}, id="aliases as a list"),
+    ],
+)
+def test_malformed_discovery_status_is_refused(status: dict[str, Any]) -> None:
+    assert not crd_accepts({**upstream_doc(), "status": status})
 
 
 def test_schema_defaults_are_the_python_defaults() -> None:
@@ -441,6 +513,13 @@ def test_schema_defaults_are_the_python_defaults() -> None:
     del doc["spec"]["domains"]
     assert getattr(parse_document(doc), "domains", None) == ("*",) and crd_accepts(doc)
     assert apply_defaults(vs, doc)["spec"]["domains"] == ["*"]
+    # Discovery is on unless turned off, with or without a discovery mapping.
+    enabled = up["properties"]["spec"]["properties"]["discovery"]["properties"]["enabled"]
+    assert enabled["default"] is DiscoverySettings().enabled is True
+    for spec_discovery in ({}, {"name_prefix": "shop-"}):
+        doc = upstream_doc(discovery=spec_discovery)
+        assert getattr(parse_document(doc), "discovery").enabled is True and crd_accepts(doc)
+        assert apply_defaults(up, copy.deepcopy(doc))["spec"]["discovery"]["enabled"] is True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,6 +683,32 @@ PATHS = {
 PREFIXES = {"/": True, "/api/v1": True, "api": False, "/a#b": False, "/a/{x}": False, "/a?x": False}
 METHODS = {m: True for m in HTTP_METHODS} | {"FETCH": False, "": False}
 UPSTREAM_REFS = {"lambdas": True, "lambdas.v2": True, "": False}
+ROLE_ARNS = {
+    "arn:aws:iam::123456789012:role/lambdagate": True,
+    "arn:aws:iam::123456789012:role/path/to/Role_1+=,.@-": True,
+    "arn:aws-cn:iam::123456789012:role/r": True,
+    "arn:aws-us-gov:iam::123456789012:role/r": True,
+    "arn:aws:iam::123456789012:role/" + "r" * 512: True,
+    "arn:aws:iam::123456789012:role/" + "r" * 513: False,
+    "arn:aws:iam::123456789012:role/": False,
+    "arn:aws:iam::12345678901:role/r": False,
+    "arn:aws:iam::123456789012:user/r": False,
+    "arn:aws:sts::123456789012:assumed-role/r/s": False,
+    "arn:aws:iam::123456789012:role/r r": False,
+    "arn:aws:iam::123456789012:role/r\n": False,
+    "lambdagate": False,
+}
+NAME_PREFIXES = {
+    "shop-": True,
+    "a": True,
+    "Team_A.v2-": True,
+    "p" * 140: True,
+    "p" * 141: False,
+    "shop/": False,
+    "shop:": False,
+    "shop prefix": False,
+    "shop-\n": False,
+}
 
 
 def _cases(table: dict[str, bool]) -> list[Any]:
@@ -657,6 +762,38 @@ def test_prefix_matcher(value: str, ok: bool) -> None:
 @pytest.mark.parametrize(("value", "ok"), _cases(METHODS))
 def test_method(value: str, ok: bool) -> None:
     _agree(vs_doc({"prefix": "/", "methods": [value]}), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(ROLE_ARNS))
+def test_role_arn(value: str, ok: bool) -> None:
+    _agree(upstream_doc(role_arn=value), ok)
+
+
+@pytest.mark.parametrize(("value", "ok"), _cases(NAME_PREFIXES))
+def test_discovery_name_prefix(value: str, ok: bool) -> None:
+    _agree(upstream_doc(discovery={"name_prefix": value}), ok)
+
+
+@pytest.mark.parametrize(
+    ("discovery", "ok"),
+    [
+        pytest.param({"enabled": False}, True, id="enabled false"),
+        pytest.param({"enabled": True, "name_prefix": "shop-", "tags": {"team": "shop"}}, True, id="all"),
+        pytest.param({"tags": {"team": "shop", "tier": "1", "aws:cloudformation:stack-name": "s"}}, True, id="tags"),
+        pytest.param({"tags": {"team": "t" * 256}}, True, id="tag value of 256"),
+        pytest.param({"tags": {}}, True, id="no tags"),
+        pytest.param({"enabled": "yes"}, False, id="enabled as a string"),
+        pytest.param({"enabled": 1}, False, id="enabled as a number"),
+        pytest.param({"name_prefix": 5}, False, id="name_prefix as a number"),
+        pytest.param({"tags": {"team": "t" * 257}}, False, id="tag value of 257"),
+        pytest.param({"tags": {"team": True}}, False, id="tag value true"),
+        pytest.param({"tags": {"team": ["a"]}}, False, id="tag value a list"),
+        pytest.param({"tags": ["team"]}, False, id="tags as a list"),
+        pytest.param("on", False, id="discovery as a string"),
+    ],
+)
+def test_discovery_settings(discovery: Any, ok: bool) -> None:
+    _agree(upstream_doc(discovery=discovery), ok)
 
 
 @pytest.mark.parametrize(("value", "ok"), _cases(UPSTREAM_REFS))
@@ -736,6 +873,13 @@ CRD_STRICTER = [
     pytest.param(upstream_doc(endpoint="http://my_host:80"), id="endpoint host that is not a DNS name"),
     pytest.param(upstream_doc(endpoint=""), id="empty endpoint (the folder reads it as absent)"),
     pytest.param(function_doc(qualifier=""), id="empty qualifier (the folder reads it as absent)"),
+    pytest.param(upstream_doc(role_arn=""), id="empty role_arn (the folder reads it as absent)"),
+    pytest.param(
+        upstream_doc(discovery={"name_prefix": ""}), id="empty name_prefix (the folder reads it as absent)"
+    ),
+    pytest.param(
+        upstream_doc(discovery={"tags": {"tier": 1}}), id="numeric tag value (the folder takes it as text)"
+    ),
 ]
 
 
@@ -747,6 +891,13 @@ def test_crd_is_stricter(doc: dict[str, Any]) -> None:
 def test_the_crd_cannot_see_type_errors_of_the_upstream_reference() -> None:
     # An untyped field (string or object) accepts a number; the control plane rejects it in status.
     doc = vs_doc(upstream=5)
+    assert (python_accepts(doc), crd_accepts(doc)) == (False, True)
+
+
+@pytest.mark.parametrize("key", ["", "k" * 129], ids=["empty", "129 characters"])
+def test_the_crd_cannot_see_tag_keys(key: str) -> None:
+    # Kubernetes 1.20's schemas cannot constrain property names; the control plane rejects these in status.
+    doc = upstream_doc(discovery={"tags": {key: "v"}})
     assert (python_accepts(doc), crd_accepts(doc)) == (False, True)
 
 

@@ -212,11 +212,15 @@ class _StandIn:
 
     def __init__(self, route: Callable[[str], Answer]) -> None:
         self.calls: list[str] = []
+        self.authorizations: list[tuple[str, str | None]] = []  # Authorization, X-Amz-Security-Token
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 stand_in.calls.append(self.path)
+                stand_in.authorizations.append(
+                    (self.headers.get("Authorization", ""), self.headers.get("X-Amz-Security-Token"))
+                )
                 status, body, code = route(self.path)
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -405,3 +409,37 @@ def test_moto_wrong_secret() -> None:
     assert excinfo.value.code == "SignatureDoesNotMatch"
     assert "secret access key is wrong" in excinfo.value.message
     assert "not-the-secret" not in str(excinfo.value)
+
+
+def test_role_arn_is_assumed_through_sts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The account's keys assume role_arn at moto's STS (signatures checked); Lambda calls sign as the role."""
+    with MotoServer() as moto:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", moto.url)
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}],
+        }
+        role = moto.client("iam").create_role(RoleName="reader", AssumeRolePolicyDocument=json.dumps(trust))
+        arn = role["Role"]["Arn"]
+        stand_in = _StandIn(lambda path: (200, {"Functions": []}, None))
+        with stand_in as account:
+            account = Account(
+                account.region, account.endpoint_url, AwsCredentials(moto.access_key, moto.secret_key), arn
+            )
+            found, _ = _list(Lister(), account)
+            assert found == []
+            ((authorization, token),) = stand_in.authorizations
+            key = authorization.split("Credential=", 1)[1].split("/", 1)[0]
+            assert key.startswith("ASIA") and key != moto.access_key
+            assert token
+
+            # Keys STS refuses: a clear error naming the role, and no Lambda call at all.
+            wrong = Account(
+                account.region, account.endpoint_url, AwsCredentials(moto.access_key, "nope"), arn
+            )
+            with pytest.raises(DiscoveryError) as excinfo:
+                _list(Lister(), wrong)
+            assert excinfo.value.code == "SignatureDoesNotMatch"
+            assert arn in excinfo.value.message
+            assert "nope" not in str(excinfo.value)
+            assert len(stand_in.calls) == 1
