@@ -325,7 +325,8 @@ def report(result: Result) -> str:
         + ", ".join(f"{_operation(op)} {count:,}" for op, count in sorted(result.by_operation.items())),
         f"  lister's count {s.api_calls:,}, throttled {s.throttled}, retried {s.retried}",
         f"max in flight {s.max_in_flight} (holding the lister's semaphore), {result.max_running} running at once "
-        f"in threads (asyncio's default executor has {result.executor_threads} on {os.cpu_count()} CPUs)",
+        f"in threads (the executor has {result.executor_threads}; asyncio's default is "
+        f"{default_executor_threads()} on {os.cpu_count()} CPUs)",
         f"wall time {result.wall_s:.1f} s (lister's own {s.seconds:.1f} s), "
         f"{result.calls / result.wall_s:.2f} calls/s achieved",
         "lower bounds: "

@@ -43,6 +43,8 @@ DEFAULT_INTERVAL_S = 300.0
 LOCAL_INTERVAL_S = 1.0
 # After a failure, try again sooner than the interval (a network blip should not leave status stale for long).
 RETRY_AFTER_FAILURE_S = 60.0
+# After a failed write (API server away), list and write again this soon.
+RETRY_STORE_S = 5.0
 # etcd refuses objects over 1.5 MiB; leave room for the spec and the rest of status.
 MAX_RECORD_BYTES = 1024 * 1024
 
@@ -277,8 +279,11 @@ class DiscoveryWorker:
         if changes:
             try:
                 await asyncio.to_thread(self.store.write, changes, existing)
-            except Exception as err:  # noqa: BLE001 - an unwritable file or API server: try next round
+            except Exception as err:  # noqa: BLE001 - an unwritable file or API server: try again soon
                 log.error("storing discovered functions failed: %s: %s", type(err).__name__, err)
+                retry = self.clock() + RETRY_STORE_S
+                for _, state in due:
+                    state.due = min(state.due, retry)
                 return False
             for key, change in sorted(changes.items()):
                 if change is None:

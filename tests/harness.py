@@ -235,7 +235,13 @@ class MotoServer:
                     "Statement": [
                         {
                             "Effect": "Allow",
-                            "Action": ["lambda:*", "iam:PassRole", "iam:CreateRole", "iam:GetRole", "sts:AssumeRole"],
+                            "Action": [
+                                "lambda:*",
+                                "iam:PassRole",
+                                "iam:CreateRole",
+                                "iam:GetRole",
+                                "sts:AssumeRole",
+                            ],
                             "Resource": "*",
                         }
                     ],

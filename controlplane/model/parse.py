@@ -137,7 +137,7 @@ def _parse_secret(doc: dict[str, Any], name: str, namespace: str) -> Secret:
 UPSTREAM_FIELDS = ("type", "region", "secret_ref", "role_arn", "endpoint", "functions", "discovery")
 DISCOVERY_FIELDS = ("enabled", "name_prefix", "tags")
 # IAM's own pattern for a role ARN (any partition).
-ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$")
+ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$")
 NAME_PREFIX_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,140}$")
 # AWS's tag key and value rules: up to 128 / 256 characters.
 TAG_KEY_MAX, TAG_VALUE_MAX = 128, 256

@@ -130,6 +130,8 @@ class KubeClient:
                     if line.strip():
                         yield json.loads(line)
         finally:
+            # The caller may stop early (a 410 in the stream): never pool a half-read connection.
+            resp.close()
             resp.release_conn()
 
     def send_json(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +145,11 @@ class KubeClient:
         resp = self._call(
             "PATCH", path + "/status", body={"status": status}, content_type="application/merge-patch+json"
         )
-        resp.release_conn()
+        try:
+            # Read the answer: a half-read connection back in the pool breaks the next (non-retried) PATCH.
+            resp.drain_conn()
+        finally:
+            resp.release_conn()
 
 
 def _api_message(body: Any) -> str:
@@ -544,10 +550,10 @@ class KubernetesSource:
             state, reason, cond_reason = "Accepted", "", "Valid"
             if key.kind == KIND_UPSTREAM:
                 up = next((u for u in result.config.upstreams if u.key == key), None)
-                if isinstance(up, Upstream) and not up.functions:
+                if isinstance(up, Upstream) and not up.function_names():
                     state, reason, cond_reason = (
                         "Warning",
-                        "spec.functions: no functions, so no route can use it",
+                        "spec.functions: no functions (none in spec, none discovered), so no route can use it",
                         "NoFunctions",
                     )
         previous = {c.get("type"): c for c in ((raw.get("status") or {}).get("conditions") or [])}

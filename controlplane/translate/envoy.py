@@ -339,9 +339,17 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 clusters[cname] = lambda_cluster(ep, options)
             secret = config.secret(up.namespace, up.secret_ref) if up.secret_ref else None
             path = invoke_path(fn.function_name, fn.qualifier)
-            key = repr(
-                (route.matcher, path, ep, up.region, vs.stage, up.namespace, up.name, fn.name, up.role_arn)
+            parts: tuple[object, ...] = (
+                route.matcher,
+                path,
+                ep,
+                up.region,
+                vs.stage,
+                up.namespace,
+                up.name,
+                fn.name,
             )
+            key = repr(parts + (up.role_arn,) if up.role_arn else parts)
             name = route_name(vs.namespace, vs.name, i, key)
             table[name] = RouteTarget(
                 route_name=name,

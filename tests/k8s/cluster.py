@@ -30,6 +30,8 @@ BUILD_SCRIPT = Path(__file__).with_name("build-apiserver.sh")
 SA_NAMESPACE = "lambdagate-system"
 SA_NAME = "lambdagate"
 SA_USERNAME = f"system:serviceaccount:{SA_NAMESPACE}:{SA_NAME}"
+# Issuer and audience of the ServiceAccount tokens the apiserver signs (TokenRequest), as in a real cluster.
+SA_ISSUER = "https://kubernetes.default.svc"
 SA_GROUPS = ("system:serviceaccounts", f"system:serviceaccounts:{SA_NAMESPACE}", "system:authenticated")
 
 # Ready in about 5 s on 2 idle cores; the margins are for loaded CI machines, not for expected behaviour.
@@ -183,7 +185,8 @@ class KubeCluster:
     Identities: `admin_token` is in group system:masters; `sa_token` authenticates as the ServiceAccount
     system:serviceaccount:lambdagate-system:lambdagate (groups system:serviceaccounts,
     system:serviceaccounts:lambdagate-system, system:authenticated) and has no permissions until a test binds some.
-    No controller-manager runs: deleted namespaces stay Terminating, and no ServiceAccount tokens are minted.
+    `service_account_kubeconfig` makes a kubeconfig for any other ServiceAccount that exists.
+    No controller-manager runs: deleted namespaces stay Terminating, and no ServiceAccount token Secrets are made.
     """
 
     def __init__(self) -> None:
@@ -357,7 +360,7 @@ class KubeCluster:
     def _apiserver_argv(self) -> list[str]:
         assert self.binaries is not None
         d = self.workdir
-        issuer = "https://kubernetes.default.svc"
+        issuer = SA_ISSUER
         return [
             str(self.binaries.apiserver),
             f"--etcd-servers={self.etcd_endpoint}",
@@ -411,32 +414,59 @@ class KubeCluster:
                 if attempt == START_ATTEMPTS - 1 or not first:
                     raise
 
+    def service_account_kubeconfig(self, name: str, namespace: str = SA_NAMESPACE) -> Path:
+        """A kubeconfig that authenticates as the ServiceAccount `namespace/name`, which must exist (e.g. from
+        deploy/rbac.yaml). Its token comes from the TokenRequest API (what a pod's projected token is), signed
+        with the apiserver's service-account key, for an hour; the user is
+        system:serviceaccount:NAMESPACE:NAME in the usual ServiceAccount groups."""
+        request = self.workdir / f"token-request-{namespace}-{name}.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenRequest",
+                    "spec": {"audiences": [SA_ISSUER], "expirationSeconds": 3600},
+                }
+            )
+        )
+        out = self.kubectl(
+            "create",
+            "--raw",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            "-f",
+            str(request),
+        )
+        token = str(json.loads(out.stdout)["status"]["token"])
+        path = self.workdir / f"kubeconfig-sa-{namespace}-{name}"
+        self._write_kubeconfig(path, name, token, namespace)
+        return path
+
     def _write_kubeconfigs(self) -> None:
-        ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
         self.kubeconfig_admin = self.workdir / "kubeconfig-admin"
         self.kubeconfig_sa = self.workdir / "kubeconfig-sa"
-        for path, user, token, namespace in (
-            (self.kubeconfig_admin, "admin", self.admin_token, "default"),
-            (self.kubeconfig_sa, SA_NAME, self.sa_token, SA_NAMESPACE),
-        ):
-            # JSON is YAML, so kubectl and client libraries read it without a YAML writer here.
-            config = {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "lambdagate-test",
-                        "cluster": {"server": self.server, "certificate-authority-data": ca_data},
-                    }
-                ],
-                "users": [{"name": user, "user": {"token": token}}],
-                "contexts": [
-                    {
-                        "name": user,
-                        "context": {"cluster": "lambdagate-test", "user": user, "namespace": namespace},
-                    }
-                ],
-                "current-context": user,
-            }
-            path.write_text(json.dumps(config, indent=2))
-            path.chmod(0o600)
+        self._write_kubeconfig(self.kubeconfig_admin, "admin", self.admin_token, "default")
+        self._write_kubeconfig(self.kubeconfig_sa, SA_NAME, self.sa_token, SA_NAMESPACE)
+
+    def _write_kubeconfig(self, path: Path, user: str, token: str, namespace: str) -> None:
+        ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
+        # JSON is YAML, so kubectl and client libraries read it without a YAML writer here.
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "lambdagate-test",
+                    "cluster": {"server": self.server, "certificate-authority-data": ca_data},
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": user,
+                    "context": {"cluster": "lambdagate-test", "user": user, "namespace": namespace},
+                }
+            ],
+            "current-context": user,
+        }
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)

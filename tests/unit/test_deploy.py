@@ -28,7 +28,7 @@ from controlplane.bootstrap import bootstrap_yaml
 from controlplane.cli import build_parser
 from controlplane.model import ConfigError, parse_document
 from controlplane.model.discovered import FAILED, LISTED, TOO_LARGE, DiscoveryRecord, ListedFunction
-from controlplane.model.resources import HTTP_METHODS, DiscoverySettings
+from controlplane.model.resources import HTTP_METHODS, DiscoverySettings, Upstream
 from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
 from discovery.service import LEASE_NAME as DISCOVERY_LEASE
 
@@ -412,7 +412,13 @@ def test_status_schema(plural: str) -> None:
     if plural == "upstreams":
         # What the discovery worker writes (DiscoveryRecord.to_status), typed rather than left open.
         assert status["discovery"]["properties"]["state"]["enum"] == [LISTED, FAILED, TOO_LARGE]
-        assert set(status["discovery"]["properties"]) == {"state", "reason", "message", "functionCount", "names"}
+        assert set(status["discovery"]["properties"]) == {
+            "state",
+            "reason",
+            "message",
+            "functionCount",
+            "names",
+        }
         item = status["functions"]["items"]
         assert set(item["properties"]) == {"function_name", "versions", "aliases"}
         assert item["required"] == ["function_name"]
@@ -485,6 +491,21 @@ def test_status_written_by_the_discovery_worker_is_accepted(record: DiscoveryRec
     assert status["functionCount"] == record.name_count()
 
 
+def test_an_upstream_with_only_discovered_functions_is_accepted() -> None:
+    # Routes may use discovered names (tests/integration/test_discovery_kubernetes.py routes them), so the
+    # Upstream is not "without functions".
+    meta = {"name": "lambdas", "namespace": "team", "generation": 1}
+    doc = {**upstream_doc(functions=[], secret_ref=None), "metadata": meta}
+    src = KubernetesSource(KubeSettings())
+    src._store.put(
+        "Upstream", {**doc, "status": DiscoveryRecord(LISTED, functions=LISTED_FUNCTIONS).to_status()}
+    )
+    result = src.load()
+    ((key, raw),) = src._store.objects.items()
+    status = src.status_for(key, raw, result)
+    assert (status["state"], status["reason"]) == ("Accepted", None)
+
+
 @pytest.mark.parametrize(
     "status",
     [
@@ -518,7 +539,8 @@ def test_schema_defaults_are_the_python_defaults() -> None:
     assert enabled["default"] is DiscoverySettings().enabled is True
     for spec_discovery in ({}, {"name_prefix": "shop-"}):
         doc = upstream_doc(discovery=spec_discovery)
-        assert getattr(parse_document(doc), "discovery").enabled is True and crd_accepts(doc)
+        parsed = parse_document(doc)
+        assert isinstance(parsed, Upstream) and parsed.discovery.enabled is True and crd_accepts(doc)
         assert apply_defaults(up, copy.deepcopy(doc))["spec"]["discovery"]["enabled"] is True
 
 
@@ -769,6 +791,14 @@ def test_role_arn(value: str, ok: bool) -> None:
     _agree(upstream_doc(role_arn=value), ok)
 
 
+@pytest.mark.parametrize("name", ["r\u00f4le", "r\u0661"], ids=["accented letter", "Arabic-Indic digit"])
+def test_both_reject_a_non_ascii_role_name(name: str) -> None:
+    doc = upstream_doc(role_arn=f"arn:aws:iam::123456789012:role/{name}")
+    if crd_accepts(doc):
+        pytest.fail("the CRD must refuse it")  # not an AssertionError: fails even while the mark stands
+    assert not python_accepts(doc)
+
+
 @pytest.mark.parametrize(("value", "ok"), _cases(NAME_PREFIXES))
 def test_discovery_name_prefix(value: str, ok: bool) -> None:
     _agree(upstream_doc(discovery={"name_prefix": value}), ok)
@@ -779,7 +809,9 @@ def test_discovery_name_prefix(value: str, ok: bool) -> None:
     [
         pytest.param({"enabled": False}, True, id="enabled false"),
         pytest.param({"enabled": True, "name_prefix": "shop-", "tags": {"team": "shop"}}, True, id="all"),
-        pytest.param({"tags": {"team": "shop", "tier": "1", "aws:cloudformation:stack-name": "s"}}, True, id="tags"),
+        pytest.param(
+            {"tags": {"team": "shop", "tier": "1", "aws:cloudformation:stack-name": "s"}}, True, id="tags"
+        ),
         pytest.param({"tags": {"team": "t" * 256}}, True, id="tag value of 256"),
         pytest.param({"tags": {}}, True, id="no tags"),
         pytest.param({"enabled": "yes"}, False, id="enabled as a string"),
@@ -922,27 +954,58 @@ def test_deploy_example_uses_real_aws() -> None:
 # RBAC
 
 
-def test_rbac_is_least_privilege() -> None:
+READ = {"get", "list", "watch"}
+# Per ServiceAccount: its ClusterRole, its leader-election Role and Lease, and exactly what the ClusterRole grants.
+RBAC = {
+    "lambdagate": (
+        "lambdagate-controlplane",
+        "lambdagate-leader-election",
+        KubeSettings().lease_name,
+        {
+            ("lambdagate.io", "upstreams"): READ,
+            ("lambdagate.io", "virtualservices"): READ,
+            ("lambdagate.io", "upstreams/status"): {"patch", "update"},
+            ("lambdagate.io", "virtualservices/status"): {"patch", "update"},
+            ("", "secrets"): READ,
+        },
+    ),
+    # The discovery worker reads what the control plane reads (the same KubernetesSource watches), and writes
+    # only Upstreams' status, by merge patch.
+    "lambdagate-discovery": (
+        "lambdagate-discovery",
+        "lambdagate-discovery-leader-election",
+        DISCOVERY_LEASE,
+        {
+            ("lambdagate.io", "upstreams"): READ,
+            ("lambdagate.io", "virtualservices"): READ,
+            ("lambdagate.io", "upstreams/status"): {"patch"},
+            ("", "secrets"): READ,
+        },
+    ),
+}
+
+
+def _granted(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                granted.setdefault((group, res), set()).update(rule["verbs"])
+    return granted
+
+
+@pytest.mark.parametrize("account", sorted(RBAC))
+def test_rbac_is_least_privilege(account: str) -> None:
     docs = manifest("rbac.yaml")
-    cluster_rules = one(docs, "ClusterRole", "lambdagate-controlplane")["rules"]
-    ns_rules = one(docs, "Role", "lambdagate-leader-election")["rules"]
+    cluster_role, ns_role, lease, expected = RBAC[account]
+    cluster_rules = one(docs, "ClusterRole", cluster_role)["rules"]
+    ns_rules = one(docs, "Role", ns_role)["rules"]
     for rule in cluster_rules + ns_rules:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
         assert "nonResourceURLs" not in rule
-    granted: dict[tuple[str, str], set[str]] = {}
-    for rule in cluster_rules:
-        for group in rule["apiGroups"]:
-            for res in rule["resources"]:
-                granted.setdefault((group, res), set()).update(rule["verbs"])
-    read = {"get", "list", "watch"}
-    assert granted == {
-        ("lambdagate.io", "upstreams"): read,
-        ("lambdagate.io", "virtualservices"): read,
-        ("lambdagate.io", "upstreams/status"): {"patch", "update"},
-        ("lambdagate.io", "virtualservices/status"): {"patch", "update"},
-        ("", "secrets"): read,
-    }
+    granted = _granted(cluster_rules)
+    assert granted == expected
     # Writes only to status subresources, cluster-wide.
     for (_, res), verbs in granted.items():
         assert not verbs & WRITE_VERBS or res.endswith("/status"), res
@@ -952,18 +1015,31 @@ def test_rbac_is_least_privilege() -> None:
         {
             "apiGroups": ["coordination.k8s.io"],
             "resources": ["leases"],
-            "resourceNames": [KubeSettings().lease_name],
+            "resourceNames": [lease],
             "verbs": ["get", "update"],
         },
     ]
 
 
-def test_rbac_bindings_name_the_service_account() -> None:
+def test_rbac_has_no_other_roles() -> None:
     docs = manifest("rbac.yaml")
-    one(docs, "ServiceAccount", "lambdagate")
+    roles = {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in ("ClusterRole", "Role")}
+    assert roles == {
+        (kind, name)
+        for cluster, ns, _, _ in RBAC.values()
+        for kind, name in (("ClusterRole", cluster), ("Role", ns))
+    }
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"} == set(RBAC)
+
+
+@pytest.mark.parametrize("account", sorted(RBAC))
+def test_rbac_bindings_name_the_service_account(account: str) -> None:
+    docs = manifest("rbac.yaml")
+    one(docs, "ServiceAccount", account)
+    cluster_role, ns_role, _, _ = RBAC[account]
     for kind, name, role_kind in [
-        ("ClusterRoleBinding", "lambdagate-controlplane", "ClusterRole"),
-        ("RoleBinding", "lambdagate-leader-election", "Role"),
+        ("ClusterRoleBinding", cluster_role, "ClusterRole"),
+        ("RoleBinding", ns_role, "Role"),
     ]:
         binding = one(docs, kind, name)
         assert binding["roleRef"] == {
@@ -971,9 +1047,8 @@ def test_rbac_bindings_name_the_service_account() -> None:
             "kind": role_kind,
             "name": name,
         }
-        assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "lambdagate", "namespace": NAMESPACE}
-        ]
+        # One account per role: the discovery worker never gets the control plane's grant, nor the reverse.
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1047,25 +1122,28 @@ def test_envoy_configmap_is_what_the_gateway_mounts() -> None:
 # Workloads
 
 
+WORKLOAD_FILES = ("controlplane.yaml", "discovery.yaml", "gateway.yaml")
+
+
 def _workloads() -> list[dict[str, Any]]:
-    return [
-        d for f in ("controlplane.yaml", "gateway.yaml") for d in manifest(f) if d["kind"] == "Deployment"
-    ]
+    return [d for f in WORKLOAD_FILES for d in manifest(f) if d["kind"] == "Deployment"]
 
 
-@pytest.mark.parametrize("name", ["lambdagate-controlplane", "lambdagate-gateway"])
+@pytest.mark.parametrize("name", ["lambdagate-controlplane", "lambdagate-discovery", "lambdagate-gateway"])
 def test_deployment_is_hardened(name: str) -> None:
     dep = one(_workloads(), "Deployment", name)
     assert dep["spec"]["replicas"] >= 2
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     for c in pod["containers"]:
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
-        assert c.get("readinessProbe")
+        # A container that serves something says when it is ready; the discovery worker serves nothing.
+        assert c.get("readinessProbe") or not c.get("ports")
     # Selectors select the pod template.
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -1109,6 +1187,37 @@ def test_controlplane_command_line() -> None:
     assert {p["containerPort"] for p in envoy["ports"]} == {ns.listen_port}
     assert c["livenessProbe"]["tcpSocket"]["port"] == "grpc"
     assert c["readinessProbe"]["exec"]["command"] == ["lambdagate-grpc-health", f"127.0.0.1:{XDS_PORT}"]
+
+
+def test_discovery_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the pod's environment holds (see env below).
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
+    dep = one(manifest("discovery.yaml"), "Deployment", "lambdagate-discovery")
+    pod = dep["spec"]["template"]["spec"]
+    # Its own identity, apart from the control plane's (IRSA gives each its own AWS role).
+    assert pod["serviceAccountName"] == "lambdagate-discovery"
+    one(manifest("rbac.yaml"), "ServiceAccount", pod["serviceAccountName"])
+    (c,) = pod["containers"]
+    assert c["image"] == "lambdagate" and "command" not in c  # the image's ENTRYPOINT, lambdagate
+    ns = build_parser().parse_args(c["args"])
+    assert ns.command == "discover" and ns.kubernetes and ns.config_dir is None
+    # Every namespace (the ClusterRole's reach), replicas elected, a listing every five minutes, for good.
+    assert ns.namespace is None and not ns.no_leader_election and not ns.once
+    assert ns.interval == 300.0
+    # Only what the pod names: no kubeconfig (in-cluster), no local endpoint.
+    assert ns.kubeconfig is None and ns.local_lambda_url is None
+    # The Lease goes in the pod's namespace (--lease-namespace defaults to $POD_NAMESPACE); the identity is
+    # the pod's hostname.
+    (env,) = c["env"]
+    assert (env["name"], env["valueFrom"]["fieldRef"]["fieldPath"]) == ("POD_NAMESPACE", "metadata.namespace")
+    assert ns.lease_namespace == NAMESPACE and ns.identity is None
+    assert not c.get("ports") and "livenessProbe" not in c
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "lambdagate-discovery"
+    # No Service selects it (it serves nothing).
+    for file in WORKLOAD_FILES:
+        for svc in (d for d in manifest(file) if d["kind"] == "Service"):
+            assert not svc["spec"]["selector"].items() <= labels.items(), svc["metadata"]["name"]
 
 
 def test_dockerfile() -> None:

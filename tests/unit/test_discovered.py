@@ -139,7 +139,9 @@ def _objects(up_spec: dict[str, object], vs_function: str) -> list[object]:
 
 
 def test_routes_may_name_discovered_functions_and_user_entries_win() -> None:
-    objects = _objects({"functions": [{"name": "orders", "spec": {"function_name": "legacy"}}]}, "orders:live")
+    objects = _objects(
+        {"functions": [{"name": "orders", "spec": {"function_name": "legacy"}}]}, "orders:live"
+    )
     up = objects[1]
     assert isinstance(up, Upstream)
     objects[1] = with_discovered(up, RECORD)

@@ -41,7 +41,8 @@ functions:
 
 
 def config(endpoint: str, *, extra: str = "", orders_discovery: str = "{name_prefix: orders}") -> str:
-    return textwrap.dedent(f"""
+    return (
+        textwrap.dedent(f"""
         apiVersion: v1
         kind: Secret
         metadata: {{name: aws}}
@@ -77,7 +78,9 @@ def config(endpoint: str, *, extra: str = "", orders_discovery: str = "{name_pre
         kind: Secret
         metadata: {{name: aws, namespace: teams}}
         stringData: {{access_key: {AKID}, secret_key: {SECRET}}}
-        """) + extra
+        """)
+        + extra
+    )
 
 
 class Setup:
@@ -112,7 +115,9 @@ def setup(loop_thread: LoopThread, tmp_path: Path) -> Iterator[Setup]:
     folder = tmp_path / "config"
     folder.mkdir()
     # rescan_s=0: tests change the folder and list right away.
-    for server in serve_local_lambda(loop_thread, functions, {AKID: SECRET}, region="us-east-1", rescan_s=0.0):
+    for server in serve_local_lambda(
+        loop_thread, functions, {AKID: SECRET}, region="us-east-1", rescan_s=0.0
+    ):
         s = Setup(folder, functions, server)
         s.write_config(config(server.url))
         yield s
@@ -199,7 +204,9 @@ def test_opt_out_and_deleted_upstreams_leave_the_state_file(setup: Setup) -> Non
 
     # An Upstream removed from the folder leaves the file too.
     text = config(setup.server.url, orders_discovery="{enabled: false}")
-    setup.write_config(text.split("---\napiVersion: lambdagate.io/v1\nkind: Upstream\nmetadata: {name: shop")[0])
+    setup.write_config(
+        text.split("---\napiVersion: lambdagate.io/v1\nkind: Upstream\nmetadata: {name: shop")[0]
+    )
     assert setup.run()
     assert sorted(setup.state()) == ["default/everything"]
 
