@@ -203,11 +203,6 @@ class Result:
         }
 
 
-def default_executor_threads() -> int:
-    """Threads of asyncio's default executor, which `asyncio.to_thread` runs the lister's calls in."""
-    return min(32, (os.cpu_count() or 1) + 4)
-
-
 def expected_calls(functions: int) -> tuple[int, int]:
     """(ListFunctions pages, ListAliases calls) for the synthetic catalogue."""
     entries = functions * (1 + VERSIONS_PER_FUNCTION)  # $LATEST and each version, FunctionVersion=ALL
@@ -221,7 +216,6 @@ def list_once(
     latency_s: float,
     rate: float,
     concurrency: int,
-    threads: int | None = None,
 ) -> Result:
     server.latency_s = latency_s
     counter = CallCounter()
@@ -246,10 +240,6 @@ def list_once(
     server_cpu, process_cpu = loop.cpu_seconds(), time.process_time()
 
     async def listing() -> tuple[list[DiscoveredFunction], ListingStats]:
-        if threads is not None:
-            asyncio.get_running_loop().set_default_executor(
-                concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="lister")
-            )
         return await lister.list_account(account)
 
     try:
@@ -266,7 +256,7 @@ def list_once(
         latency_s=latency_s,
         rate_per_s=rate,
         concurrency=concurrency,
-        executor_threads=threads or default_executor_threads(),
+        executor_threads=lister.executor._max_workers,
         stats=stats,
         names=len(entries),
         by_operation=dict(counter.by_operation),
@@ -325,8 +315,7 @@ def report(result: Result) -> str:
         + ", ".join(f"{_operation(op)} {count:,}" for op, count in sorted(result.by_operation.items())),
         f"  lister's count {s.api_calls:,}, throttled {s.throttled}, retried {s.retried}",
         f"max in flight {s.max_in_flight} (holding the lister's semaphore), {result.max_running} running at once "
-        f"in threads (the executor has {result.executor_threads}; asyncio's default is "
-        f"{default_executor_threads()} on {os.cpu_count()} CPUs)",
+        f"in threads (the lister's executor has {result.executor_threads})",
         f"wall time {result.wall_s:.1f} s (lister's own {s.seconds:.1f} s), "
         f"{result.calls / result.wall_s:.2f} calls/s achieved",
         "lower bounds: "
@@ -401,18 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"then list again at {UNLIMITED_RATE:g} calls/s and concurrency {UNLIMITED_CONCURRENCY}",
     )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="threads of the listing loop's default executor, which runs every call (default: asyncio's, "
-        f"{default_executor_threads()} here); more lets a concurrency above it take effect",
-    )
     args = ap.parse_args(argv)
     if args.functions < 1 or args.latency < 0 or args.rate <= 0 or args.concurrency < 1:
         ap.error("--functions, --rate and --concurrency must be positive and --latency not negative")
-    if args.threads is not None and args.threads < 1:
-        ap.error("--threads must be positive")
 
     runs = [(args.rate, args.concurrency)]
     if args.also_unlimited:
@@ -440,15 +420,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             try:
                 for rate, concurrency in runs:
-                    result = list_once(
-                        server, loop, args.functions, args.latency, rate, concurrency, args.threads
-                    )
+                    result = list_once(server, loop, args.functions, args.latency, rate, concurrency)
                     results.append(result)
                     print()
                     print(
                         f"== {args.functions:,} functions, latency {args.latency * 1000:g} ms, "
                         f"rate {rate:g}/s, concurrency {concurrency}"
-                        + (f", {args.threads} executor threads" if args.threads else "")
                     )
                     print(report(result))
                     problems = check(result)

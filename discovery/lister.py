@@ -6,8 +6,8 @@ tags are filtered on). It turns the answers into logical names: `fn` for $LATEST
 version, `fn:live` for each alias. A catalogue of 10,000 functions with 3 versions each takes 800 pages plus
 10,000 ListAliases calls, about half of what ListVersionsByFunction per function would cost.
 
-botocore clients are synchronous, so every call runs in a worker thread (`asyncio.to_thread`), never on
-the loop. Calls are bounded twice: at most `max_concurrency` in flight per Lister, and a token bucket
+botocore clients are synchronous, so every call runs in one of the Lister's own `max_concurrency` threads
+(asyncio's default executor has only CPUs + 4), never on the loop. Calls are bounded twice: at most `max_concurrency` in flight per Lister, and a token bucket
 shared by every call of the Lister keeps the rate at `rate_per_s`, so a catalogue of 10,000 functions is
 walked steadily rather than in a burst. Throttling answers are retried with exponential backoff and full
 jitter. Credential and access errors become a `DiscoveryError` whose message names the problem and never
@@ -17,11 +17,13 @@ carries a secret; the caller keeps its last known functions and reports the mess
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +211,8 @@ class Lister:
         self._client_factory = client_factory or default_client_factory(max(10, max_concurrency))
         self._clients: dict[Account, Any] = {}
         self._clients_lock = threading.Lock()
+        # Threads for the calls: as many as may be in flight, so the bound is max_concurrency, not the CPUs.
+        self.executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="lambdagate-list")
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._random = random.Random()
 
@@ -436,7 +440,9 @@ class _Caller:
                 stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
                 stats.api_calls += 1
                 try:
-                    answer: dict[str, Any] = await asyncio.to_thread(method, **params)
+                    answer: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(
+                        lister.executor, functools.partial(method, **params)
+                    )
                     return answer
                 except ClientError as err:
                     error = err.response.get("Error", {})
