@@ -363,3 +363,28 @@ def serve_local_lambda(
         yield server
     finally:
         loop.run(server.stop())
+
+
+@contextlib.contextmanager
+def gateway(
+    loop: LoopThread, config_dir: Path, functions: Path, credentials: dict[str, str]
+) -> Iterator[str]:
+    """The whole request path on free ports: our local Lambda endpoint serving `functions`, the control plane
+    reading `config_dir` (its `endpoint: local` is that endpoint) and a real Envoy. Yields Envoy's base URL."""
+    from controlplane.locallambda import LocalLambda
+    from controlplane.model.resources import Endpoint
+
+    local = LocalLambda(functions, credentials)
+    lport = loop.run(local.start())
+    port = free_port()
+    try:
+        with (
+            control_plane(
+                loop, config_dir, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
+            ) as cp,
+            Envoy(cp.port) as envoy,
+        ):
+            envoy.wait_listening(port)
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.run(local.stop())

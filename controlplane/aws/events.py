@@ -1,4 +1,4 @@
-"""Builds the API Gateway REST proxy event (payload format 1.0) from an HTTP request.
+"""Builds the API Gateway proxy events from an HTTP request: REST (payload format 1.0) and HTTP API (2.0).
 
 The event must work unchanged with Lambda web frameworks (Mangum, Powertools), so it follows API Gateway's shape.
 """
@@ -34,6 +34,8 @@ class RouteInfo:
     stage: str
     param_regex: re.Pattern[str] | None
     prefix: str | None = None
+    stage_variables: dict[str, str] | None = None
+    route_key: str = "$default"
 
 
 @dataclass
@@ -127,7 +129,7 @@ def build_v1_event(req: HttpRequest, route: RouteInfo, now: float | None = None)
         "queryStringParameters": qs or None,
         "multiValueQueryStringParameters": multi_qs or None,
         "pathParameters": path_parameters(route, raw_path),
-        "stageVariables": None,
+        "stageVariables": dict(route.stage_variables) if route.stage_variables else None,
         "requestContext": {
             "accountId": "000000000000",
             "apiId": "lambdagate",
@@ -164,3 +166,76 @@ def build_v1_event(req: HttpRequest, route: RouteInfo, now: float | None = None)
         "body": body,
         "isBase64Encoded": is_b64,
     }
+
+
+def build_v2_event(req: HttpRequest, route: RouteInfo, now: float | None = None) -> dict[str, Any]:
+    """The HTTP API event (payload format 2.0): rawPath, rawQueryString, cookies, comma-joined headers."""
+    now = time.time() if now is None else now
+    raw_path, _, query = req.path.partition("?")
+    raw_path = raw_path.split("#", 1)[0]
+    query = query.split("#", 1)[0]
+
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    content_type = None
+    for name, value in req.headers:
+        if name.startswith(HIDDEN_HEADER_PREFIXES):
+            continue
+        if name == "cookie":
+            # HTTP API moves cookies out of the headers, one entry per cookie.
+            cookies.extend(c.strip() for c in value.split(";") if c.strip())
+            continue
+        if name == "content-type":
+            content_type = value
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    if "host" not in headers and req.authority:
+        headers["host"] = req.authority
+
+    qs: dict[str, str] = {}
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        qs[k] = f"{qs[k]},{v}" if k in qs else v
+
+    body, is_b64 = encode_body(req.body, content_type)
+    domain = (
+        req.authority.rsplit(":", 1)[0]
+        if req.authority and not req.authority.endswith("]")
+        else req.authority
+    )
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": route.route_key,
+        "rawPath": raw_path,
+        "rawQueryString": query,
+    }
+    if cookies:
+        event["cookies"] = cookies
+    event["headers"] = headers
+    if qs:
+        event["queryStringParameters"] = qs
+    event["requestContext"] = {
+        "accountId": "000000000000",
+        "apiId": "lambdagate",
+        "domainName": domain,
+        "domainPrefix": domain.split(".", 1)[0],
+        "http": {
+            "method": req.method,
+            "path": unquote(raw_path),
+            "protocol": req.protocol,
+            "sourceIp": req.source_ip,
+            "userAgent": headers.get("user-agent", ""),
+        },
+        "requestId": req.request_id,
+        "routeKey": route.route_key,
+        "stage": route.stage,
+        "time": request_time(now),
+        "timeEpoch": int(now * 1000),
+    }
+    params = path_parameters(route, raw_path)
+    if params:
+        event["pathParameters"] = params
+    if route.stage_variables:
+        event["stageVariables"] = dict(route.stage_variables)
+    if body is not None:
+        event["body"] = body
+    event["isBase64Encoded"] = is_b64
+    return event

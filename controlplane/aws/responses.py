@@ -150,6 +150,29 @@ def unwrap_proxy_response(payload: bytes) -> HttpResponse:
     return HttpResponse(status, headers, raw)
 
 
+def unwrap_v2_response(payload: bytes) -> HttpResponse:
+    """Parse an HTTP API (2.0) answer, as API Gateway does.
+
+    An object with statusCode is a structured response: headers (one value each, comma-joined), `cookies`
+    (each becomes a Set-Cookie header), body and isBase64Encoded. Any other valid JSON is the body of a 200
+    with content-type application/json, as the function returned it.
+    """
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MalformedResponse(f"the function's result is not JSON ({err})") from None
+    if not isinstance(doc, dict) or "statusCode" not in doc:
+        return HttpResponse(200, [("content-type", "application/json")], payload.strip())
+    cookies = doc.get("cookies") or []
+    if not isinstance(cookies, list):
+        raise MalformedResponse("cookies must be a list of strings")
+    structured = {k: v for k, v in doc.items() if k != "multiValueHeaders"}  # HTTP API ignores them
+    out = unwrap_proxy_response(json.dumps(structured).encode())
+    for i, cookie in enumerate(cookies):
+        out.headers.append(("set-cookie", _header_value(cookie, f"cookies[{i}]")))
+    return out
+
+
 def _short(payload: bytes, limit: int = 500) -> str:
     text = payload[:limit].decode("utf-8", "replace")
     return text + ("..." if len(payload) > limit else "")

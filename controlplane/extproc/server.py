@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.aws.events import HttpRequest, RouteInfo, build_v1_event
+from controlplane.aws.events import HttpRequest, RouteInfo, build_v1_event, build_v2_event
 from controlplane.aws.responses import (
     HttpResponse,
     MalformedResponse,
@@ -31,6 +31,7 @@ from controlplane.aws.responses import (
     invoke_api_error,
     json_error,
     unwrap_proxy_response,
+    unwrap_v2_response,
 )
 from controlplane.aws.roles import RoleCache, RoleCredentials
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen, sign_invoke
@@ -41,6 +42,15 @@ log = logging.getLogger("lambdagate.extproc")
 FILTER_NAME = "envoy.filters.http.ext_proc"
 # Bodies above this are processed in a worker thread (measured: a 6 MB body costs ~60 ms of CPU).
 LARGE_BODY = 256 * 1024
+# Lambda's invocation payload limits: 6 MB for a synchronous call, 1 MB for an asynchronous (Event) one.
+MAX_SYNC_PAYLOAD = 6 * 1024 * 1024
+MAX_ASYNC_PAYLOAD = 1024 * 1024
+# Headers of the Invoke call besides the signature's, per invocation type (signed too).
+INVOKE_HEADERS = {
+    "RequestResponse": {"content-type": "application/json"},
+    "Event": {"content-type": "application/json", "x-amz-invocation-type": "Event"},
+    "DryRun": {"content-type": "application/json", "x-amz-invocation-type": "DryRun"},
+}
 # Response headers Envoy or the client should keep from Lambda's answer; everything else is Lambda's own.
 KEPT_RESPONSE_HEADERS = frozenset({"date"})
 _TRUE = wrappers_pb2.BoolValue(value=True)
@@ -83,7 +93,14 @@ class RouteTable:
                 regex = re.compile(m.template_regex)
             elif m.kind == "regex" and m.params:
                 regex = re.compile(m.value)
-            route = RouteInfo(t.resource, t.stage, regex, m.value if m.kind == "prefix" else None)
+            route = RouteInfo(
+                t.resource,
+                t.stage,
+                regex,
+                m.value if m.kind == "prefix" else None,
+                dict(t.stage_variables) or None,
+                t.route_key,
+            )
             creds = frozen(t.credentials) if t.credentials else None
             role = self.roles.get(t.credentials, t.role_arn, t.region) if t.role_arn else None
             compiled[name] = CompiledTarget(t, route, t.scheme, creds, role)
@@ -229,8 +246,20 @@ class Processor:
             self.request_id,
             self.authority,
         )
-        event = build_v1_event(http, self.target.route)
-        payload = json.dumps(event, separators=(",", ":")).encode()
+        build = build_v2_event if t.payload_format == "apigateway-v2" else build_v1_event
+        payload = json.dumps(build(http, self.target.route), separators=(",", ":")).encode()
+        limit = MAX_ASYNC_PAYLOAD if t.invocation_type == "Event" else MAX_SYNC_PAYLOAD
+        if len(payload) > limit:
+            # Refused here, before anything is invoked: Lambda would refuse it anyway, after the upload.
+            return self._immediate(
+                json_error(
+                    413,
+                    "Request payload too large",
+                    self.request_id,
+                    log_reason="request too large",
+                    log_detail=f"event of {len(payload)} bytes, over Lambda's {limit} for {t.invocation_type}",
+                )
+            )
         try:
             if self.target.role is not None:
                 creds = self.target.role.current()
@@ -248,7 +277,7 @@ class Processor:
             t.authority,
             t.invoke_path,
             payload,
-            {"content-type": "application/json"},
+            INVOKE_HEADERS[t.invocation_type],
         )
         mutation = pb.HeaderMutation(
             set_headers=[
@@ -304,7 +333,10 @@ class Processor:
                 out = function_error(payload, fn_error, rid)
             else:
                 try:
-                    out = unwrap_proxy_response(payload)
+                    if t is not None and t.payload_format == "apigateway-v2":
+                        out = unwrap_v2_response(payload)
+                    else:
+                        out = unwrap_proxy_response(payload)
                 except MalformedResponse as err:
                     out = json_error(
                         502,
@@ -354,6 +386,8 @@ class Processor:
         return common
 
     def _immediate(self, out: HttpResponse) -> pb.ProcessingResponse:
+        if out.log_reason:
+            log.error("request %s: %s: %s", self.request_id, out.log_reason, out.log_detail or "")
         return pb.ProcessingResponse(
             immediate_response=pb.ImmediateResponse(
                 status=http_status_pb2.HttpStatus(code=out.status),

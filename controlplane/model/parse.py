@@ -18,10 +18,13 @@ from controlplane.model.resources import (
     DNS_LABEL_RE,
     FUNCTION_NAME_RE,
     HTTP_METHODS,
+    INVOCATION_TYPES,
     KIND_SECRET,
     KIND_UPSTREAM,
     KIND_VIRTUAL_SERVICE,
     LOCAL_ENDPOINT,
+    MAX_TIMEOUT_S,
+    PAYLOAD_FORMATS,
     QUALIFIER_RE,
     REGION_RE,
     AwsCredentials,
@@ -32,6 +35,7 @@ from controlplane.model.resources import (
     Matcher,
     ObjectKey,
     Route,
+    RouteOptions,
     Secret,
     Upstream,
     VirtualService,
@@ -134,7 +138,21 @@ def _parse_secret(doc: dict[str, Any], name: str, namespace: str) -> Secret:
     return Secret(name, namespace, creds, tuple(sorted(values)))
 
 
-UPSTREAM_FIELDS = ("type", "region", "secret_ref", "role_arn", "endpoint", "functions", "discovery")
+UPSTREAM_FIELDS = (
+    "type",
+    "region",
+    "secret_ref",
+    "role_arn",
+    "endpoint",
+    "functions",
+    "discovery",
+    "options",
+)
+OPTION_FIELDS = ("payload_format", "invocation_type", "timeout")
+STAGE_VARIABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+# API Gateway's rule for stage variable values.
+STAGE_VARIABLE_VALUE_RE = re.compile(r"^[A-Za-z0-9\-._~:/?#&=,]{0,512}$")
+_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)?$")
 DISCOVERY_FIELDS = ("enabled", "name_prefix", "tags")
 # IAM's own pattern for a role ARN (any partition).
 ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$")
@@ -180,7 +198,43 @@ def _parse_upstream(spec: dict[str, Any], name: str, namespace: str, generation:
         generation,
         role_arn=role_arn,
         discovery=_parse_discovery(spec.get("discovery")),
+        options=_parse_options(spec.get("options"), "spec.options"),
     )
+
+
+def _parse_options(raw: Any, path: str) -> RouteOptions:
+    opts = _mapping(raw, path)
+    _no_unknown(opts, OPTION_FIELDS, path)
+    fmt = _str(opts.get("payload_format"), f"{path}.payload_format") or None
+    if fmt is not None and fmt not in PAYLOAD_FORMATS:
+        raise ConfigError(
+            f"{fmt!r} is not one of {', '.join(PAYLOAD_FORMATS)}", field=f"{path}.payload_format"
+        )
+    itype = _str(opts.get("invocation_type"), f"{path}.invocation_type") or None
+    if itype is not None and itype not in INVOCATION_TYPES:
+        raise ConfigError(
+            f"{itype!r} is not one of {', '.join(INVOCATION_TYPES)}", field=f"{path}.invocation_type"
+        )
+    timeout = None
+    if "timeout" in opts:
+        timeout = _duration(opts["timeout"], f"{path}.timeout")
+    return RouteOptions(fmt, itype, timeout)
+
+
+def _duration(raw: Any, path: str) -> float:
+    """`29s`, `500ms`, `2m` or a number of seconds; more than 0 and at most Lambda's 900 s."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ConfigError(f"must be a duration such as 10s or 500ms, got {_typename(raw)}", field=path)
+    if isinstance(raw, str):
+        m = _DURATION_RE.fullmatch(raw.strip())
+        if m is None:
+            raise ConfigError(f"{raw!r} is not a duration such as 10s, 500ms or 2m", field=path)
+        value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    else:
+        value = float(raw)
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ConfigError(f"must be more than 0 and at most {MAX_TIMEOUT_S:g}s (Lambda's limit)", field=path)
+    return value
 
 
 def _parse_discovery(raw: Any) -> DiscoverySettings:
@@ -267,7 +321,7 @@ def _parse_function(raw: Any, path: str) -> Function:
     return Function(name, function_name, qualifier)
 
 
-VS_FIELDS = ("domains", "routes", "stage")
+VS_FIELDS = ("domains", "routes", "stage", "stage_variables")
 
 
 def _parse_virtual_service(
@@ -290,12 +344,26 @@ def _parse_virtual_service(
     if not isinstance(raw_routes, list) or not raw_routes:
         raise ConfigError("must be a non-empty list of routes", field="spec.routes")
     routes = tuple(_parse_route(r, f"spec.routes[{i}]", namespace) for i, r in enumerate(raw_routes))
-    return VirtualService(name, namespace, tuple(domains), routes, stage, generation)
+    variables: list[tuple[str, str]] = []
+    for key, value in _mapping(spec.get("stage_variables"), "spec.stage_variables").items():
+        field = f"spec.stage_variables.{key}"
+        if not isinstance(key, str) or not STAGE_VARIABLE_NAME_RE.fullmatch(key):
+            raise ConfigError("a stage variable name is letters, digits and '_' (at most 64)", field=field)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"must be a string, got {_typename(value)}", field=field)
+        if not STAGE_VARIABLE_VALUE_RE.fullmatch(str(value)):
+            raise ConfigError(
+                "a stage variable value is at most 512 of letters, digits and -._~:/?#&=,", field=field
+            )
+        variables.append((key, str(value)))
+    return VirtualService(
+        name, namespace, tuple(domains), routes, stage, generation, stage_variables=tuple(sorted(variables))
+    )
 
 
 def _parse_route(raw: Any, path: str, namespace: str) -> Route:
     route = _mapping(raw, path, required=True)
-    _no_unknown(route, ("matcher", "destination"), path)
+    _no_unknown(route, ("matcher", "destination", "options"), path)
     matcher = _parse_matcher(route.get("matcher"), f"{path}.matcher")
     dest = _mapping(route.get("destination"), f"{path}.destination", required=True)
     _no_unknown(dest, ("upstream", "function"), f"{path}.destination")
@@ -309,7 +377,11 @@ def _parse_route(raw: Any, path: str, namespace: str) -> Route:
         up_name = _str(up, f"{path}.destination.upstream", required=True)
         up_ns = namespace
     function = _str(dest.get("function"), f"{path}.destination.function", required=True)
-    return Route(matcher, Destination(up_name, up_ns, function))
+    return Route(
+        matcher,
+        Destination(up_name, up_ns, function),
+        _parse_options(route.get("options"), f"{path}.options"),
+    )
 
 
 def _parse_matcher(raw: Any, path: str) -> Matcher:

@@ -89,6 +89,31 @@ class Endpoint:
         return f"{self.scheme}://{self.authority}"
 
 
+PAYLOAD_FORMATS = ("apigateway-v1", "apigateway-v2")
+INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
+MAX_TIMEOUT_S = 900.0  # Lambda's own limit on a function's run
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """How a route invokes its function. None: inherit (route -> Upstream `spec.options` -> the default)."""
+
+    payload_format: str | None = None  # apigateway-v1 (REST 1.0 event) or apigateway-v2 (HTTP API 2.0)
+    invocation_type: str | None = None  # RequestResponse, Event (202, no answer) or DryRun (204)
+    timeout_s: float | None = None  # Envoy's route timeout: the longest the client waits for the function
+
+    def over(self, base: RouteOptions) -> RouteOptions:
+        """These options, with `base` filling what they leave unset."""
+        return RouteOptions(
+            self.payload_format if self.payload_format is not None else base.payload_format,
+            self.invocation_type if self.invocation_type is not None else base.invocation_type,
+            self.timeout_s if self.timeout_s is not None else base.timeout_s,
+        )
+
+
+DEFAULT_OPTIONS = RouteOptions("apigateway-v1", "RequestResponse", None)
+
+
 @dataclass(frozen=True)
 class DiscoverySettings:
     """`spec.discovery`: whether the discovery worker lists this Upstream's account, and which functions."""
@@ -115,6 +140,8 @@ class Upstream:
     discovery: DiscoverySettings = DiscoverySettings()
     # What the discovery worker found (from status or the state file), as logical names fn, fn:3, fn:alias.
     discovered: tuple[Function, ...] = ()
+    # Defaults for the routes to this Upstream (`spec.options`); a route's own options win field by field.
+    options: RouteOptions = RouteOptions()
 
     @property
     def key(self) -> ObjectKey:
@@ -187,6 +214,7 @@ class Destination:
 class Route:
     matcher: Matcher
     destination: Destination
+    options: RouteOptions = RouteOptions()
 
 
 @dataclass(frozen=True)
@@ -197,6 +225,8 @@ class VirtualService:
     routes: tuple[Route, ...]
     stage: str = "$default"
     generation: int = 0
+    # API Gateway's stage variables: passed to every function of this service in the event.
+    stage_variables: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> ObjectKey:

@@ -31,3 +31,8 @@ class RouteTarget:
     stage: str
     # Assumed (STS AssumeRole) with `credentials` or the default chain before signing; None: sign as is.
     role_arn: str | None = None
+    payload_format: str = "apigateway-v1"
+    invocation_type: str = "RequestResponse"
+    stage_variables: tuple[tuple[str, str], ...] = ()
+    # API Gateway's routeKey: "GET /pets/{petId}", "ANY /pets/{proxy+}".
+    route_key: str = "$default"

@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 
 from controlplane.addresses import is_ip
 from controlplane.model import Config, Matcher
-from controlplane.model.resources import LOCAL_ENDPOINT, Endpoint, Upstream
+from controlplane.model.resources import DEFAULT_OPTIONS, LOCAL_ENDPOINT, Endpoint, Upstream
 from controlplane.model.routes import RouteTarget
 
 LISTENER_NAME = "lambdagate_http"
@@ -321,6 +321,12 @@ def route_match(m: Matcher) -> route_components_pb2.RouteMatch:
     return match
 
 
+def route_key(m: Matcher) -> str:
+    """API Gateway's routeKey for payload 2.0: the method (ANY when the route takes all) and the template."""
+    methods = "|".join(m.methods) if m.methods else "ANY"
+    return f"{methods} {m.resource}"
+
+
 def translate(config: Config, options: TranslateOptions) -> Translation:
     clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc_cluster(options)}
     vhosts: list[route_components_pb2.VirtualHost] = []
@@ -349,7 +355,12 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 up.name,
                 fn.name,
             )
-            key = repr(parts + (up.role_arn,) if up.role_arn else parts)
+            opts = route.options.over(up.options).over(DEFAULT_OPTIONS)
+            # Only what is set beyond the defaults joins the name's hash: names of plain routes stay as they were.
+            extra = tuple(
+                x for x in (up.role_arn, opts if opts != DEFAULT_OPTIONS else None, vs.stage_variables) if x
+            )
+            key = repr(parts + extra if extra else parts)
             name = route_name(vs.namespace, vs.name, i, key)
             table[name] = RouteTarget(
                 route_name=name,
@@ -367,6 +378,10 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 resource=route.matcher.resource,
                 stage=vs.stage,
                 role_arn=up.role_arn,
+                payload_format=opts.payload_format or "apigateway-v1",
+                invocation_type=opts.invocation_type or "RequestResponse",
+                stage_variables=vs.stage_variables,
+                route_key=route_key(route.matcher),
             )
             routes.append(
                 route_components_pb2.Route(
@@ -374,7 +389,7 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                     match=route_match(route.matcher),
                     route=route_components_pb2.RouteAction(
                         cluster=cname,
-                        timeout=_duration(options.route_timeout_s),
+                        timeout=_duration(opts.timeout_s or options.route_timeout_s),
                     ),
                     typed_per_filter_config=_extproc_enabled(),
                 )

@@ -12,10 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Envoy, LoopThread, control_plane, free_port, http
-
-from controlplane.locallambda import LocalLambda
-from controlplane.model.resources import Endpoint
+from harness import LoopThread, gateway, http
 
 POWERTOOLS_APP = textwrap.dedent("""
     from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
@@ -28,6 +25,26 @@ POWERTOOLS_APP = textwrap.dedent("""
                 "ua": app.current_event.headers.get("user-agent")}
 
     @app.post("/pets")
+    def create_pet():
+        body = app.current_event.json_body
+        return Response(status_code=201, content_type="application/json",
+                        body='{"created": "%s"}' % body["name"], cookies=["a=1", "b=2"])
+
+    def handler(event, context):
+        return app.resolve(event, context)
+""")
+
+POWERTOOLS_HTTP_APP = textwrap.dedent("""
+    from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
+
+    app = APIGatewayHttpResolver()
+
+    @app.get("/v2/pets/<pet_id>")
+    def get_pet(pet_id):
+        return {"id": pet_id, "q": app.current_event.get_query_string_value("q"),
+                "ua": app.current_event.headers.get("user-agent"), "cookies": app.current_event.cookies}
+
+    @app.post("/v2/pets")
     def create_pet():
         body = app.current_event.json_body
         return Response(status_code=201, content_type="application/json",
@@ -76,6 +93,7 @@ spec:
   functions:
   - {name: powertools, spec: {function_name: powertools}}
   - {name: asgi, spec: {function_name: asgi_app}}
+  - {name: powertools-http, spec: {function_name: powertools_http}}
 ---
 apiVersion: lambdagate.io/v1
 kind: VirtualService
@@ -86,6 +104,12 @@ spec:
     destination: {upstream: local, function: powertools}
   - matcher: {prefix: /asgi}
     destination: {upstream: local, function: asgi}
+  - matcher: {prefix: /v2/pets}
+    destination: {upstream: local, function: powertools-http}
+    options: {payload_format: apigateway-v2}
+  - matcher: {prefix: /v2/asgi}
+    destination: {upstream: local, function: asgi}
+    options: {payload_format: apigateway-v2}
 """
 
 
@@ -95,23 +119,12 @@ def base(tmp_path: Path, loop_thread: LoopThread) -> Iterator[str]:
     functions.mkdir()
     (functions / "powertools.py").write_text(POWERTOOLS_APP)
     (functions / "asgi_app.py").write_text(MANGUM_APP)
+    (functions / "powertools_http.py").write_text(POWERTOOLS_HTTP_APP)
     folder = tmp_path / "config"
     folder.mkdir()
     (folder / "apps.yaml").write_text(CONFIG)
-    local = LocalLambda(functions, {"AKIDFW": "fw-secret"})
-    lport = loop_thread.run(local.start())
-    port = free_port()
-    try:
-        with (
-            control_plane(
-                loop_thread, folder, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
-            ) as cp,
-            Envoy(cp.port) as envoy,
-        ):
-            envoy.wait_listening(port)
-            yield f"http://127.0.0.1:{port}"
-    finally:
-        loop_thread.run(local.stop())
+    with gateway(loop_thread, folder, functions, {"AKIDFW": "fw-secret"}) as url:
+        yield url
 
 
 def test_powertools_rest_resolver(base: str) -> None:
@@ -131,4 +144,24 @@ def test_mangum_asgi_app(base: str) -> None:
     )
     assert r.status == 200
     assert r.json() == {"method": "POST", "path": "/asgi/x", "query": "y=1&y=2", "body_len": 8}
+    assert r.all("set-cookie") == ["s=1", "t=2"]
+
+
+def test_powertools_http_resolver_with_payload_2(base: str) -> None:
+    r = http("GET", base + "/v2/pets/42?q=x", headers={"User-Agent": "fw-test", "Cookie": "c=1; d=2"})
+    assert r.status == 200
+    assert r.json() == {"id": "42", "q": "x", "ua": "fw-test", "cookies": ["c=1", "d=2"]}
+    r = http(
+        "POST", base + "/v2/pets", json.dumps({"name": "Nemo"}).encode(), {"content-type": "application/json"}
+    )
+    assert r.status == 201 and r.json() == {"created": "Nemo"}
+    assert r.all("set-cookie") == ["a=1", "b=2"]
+
+
+def test_mangum_asgi_app_with_payload_2(base: str) -> None:
+    r = http(
+        "POST", base + "/v2/asgi/x?y=1&y=2", b"\x00\x01binary", {"content-type": "application/octet-stream"}
+    )
+    assert r.status == 200
+    assert r.json() == {"method": "POST", "path": "/v2/asgi/x", "query": "y=1&y=2", "body_len": 8}
     assert r.all("set-cookie") == ["s=1", "t=2"]

@@ -223,3 +223,38 @@ def test_the_example_applies_and_earns_its_state(stack: Stack) -> None:
     table = stack.cluster.kubectl("get", "upstreams", "-n", ns).stdout.splitlines()
     assert table[0].split()[:6] == ["NAME", "TYPE", "REGION", "FUNCTIONS", "STATE", "AGE"]
     assert table[1].split()[:5] == ["petstore-lambdas", "aws", "us-east-1", "4", "Accepted"]
+
+
+def test_route_options_and_stage_variables_survive_the_apiserver(installed: KubeCluster) -> None:
+    """The CRDs declare options and stage_variables: a structural schema would silently prune them otherwise."""
+    doc = textwrap.dedent(f"""
+        apiVersion: lambdagate.io/v1
+        kind: Upstream
+        metadata: {{name: opts, namespace: {NS}}}
+        spec:
+          region: us-east-1
+          options: {{payload_format: apigateway-v2, timeout: 20s}}
+          functions: [{{name: f, spec: {{function_name: f}}}}]
+        ---
+        apiVersion: lambdagate.io/v1
+        kind: VirtualService
+        metadata: {{name: opts, namespace: {NS}}}
+        spec:
+          domains: [opts.test]
+          stage_variables: {{env: prod, url: "https://x.example/a?b=c"}}
+          routes:
+          - matcher: {{prefix: /}}
+            destination: {{upstream: opts, function: f}}
+            options: {{invocation_type: Event, timeout: 5}}
+    """)
+    try:
+        installed.kubectl("apply", "-f", "-", input=doc)
+        up, vs = get(installed, "upstream", "opts"), get(installed, "virtualservice", "opts")
+        assert up["spec"]["options"] == {"payload_format": "apigateway-v2", "timeout": "20s"}
+        assert vs["spec"]["stage_variables"] == {"env": "prod", "url": "https://x.example/a?b=c"}
+        assert vs["spec"]["routes"][0]["options"] == {"invocation_type": "Event", "timeout": 5}
+        bad = doc.replace("invocation_type: Event", "invocation_type: Later")
+        refused = installed.kubectl("apply", "-f", "-", input=bad, check=False)
+        assert refused.returncode != 0 and "invocation_type" in refused.stderr
+    finally:
+        installed.kubectl("delete", "-f", "-", "--ignore-not-found", input=doc, check=False)
