@@ -301,14 +301,11 @@ async def _discovery_for_up(
     cp: ControlPlane, config_dir: Path, args: argparse.Namespace, stop: asyncio.Event
 ) -> None:
     """Discovery in the same process: fed by the control plane's own loads, writing the state file."""
-    from discovery.lister import Lister
-    from discovery.service import DEFAULT_CONCURRENCY, DEFAULT_RATE_PER_S
+    from discovery.service import DiscoverOptions, make_lister
     from discovery.worker import DiscoveryWorker, FileStore
 
     worker = DiscoveryWorker(
-        FileStore(config_dir),
-        Lister(max_concurrency=DEFAULT_CONCURRENCY, rate_per_s=DEFAULT_RATE_PER_S),
-        interval_s=args.discovery_interval,
+        FileStore(config_dir), make_lister(DiscoverOptions()), interval_s=args.discovery_interval
     )
     cp.on_config.append(lambda result: worker.update(result.config))
     if cp.last is not None:
@@ -381,7 +378,12 @@ def _add_source_args(parser: argparse.ArgumentParser, leader_does: str) -> None:
         "--lease-namespace",
         default=os.environ.get("POD_NAMESPACE"),
         help="with --kubernetes: namespace of the leader-election Lease (default: $POD_NAMESPACE, "
-        f"else lambdagate-system); {leader_does}",
+        f"else lambdagate-system); only the leader {leader_does}",
+    )
+    parser.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help=f"with --kubernetes: every replica {leader_does} (fine for a single replica)",
     )
     parser.add_argument("--identity", default=None, help="leader-election identity (default: hostname-pid)")
 
@@ -423,12 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-discovery", action="store_true", help="do not run function discovery")
 
     serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
-    _add_source_args(serve, "only the leader writes status")
-    serve.add_argument(
-        "--no-leader-election",
-        action="store_true",
-        help="with --kubernetes: every replica writes status (fine for a single replica)",
-    )
+    _add_source_args(serve, "writes status")
     serve.add_argument(
         "--grpc-address",
         type=_host_port,
@@ -453,12 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc = sub.add_parser(
         "discover", help="list each Upstream's Lambda functions, versions and aliases into its status"
     )
-    _add_source_args(disc, "only the leader lists and writes")
-    disc.add_argument(
-        "--no-leader-election",
-        action="store_true",
-        help="with --kubernetes: every replica lists and writes (fine for a single replica)",
-    )
+    _add_source_args(disc, "lists and writes")
     disc.add_argument(
         "--interval", type=_duration, default="5m", help="time between listings of an account (5m, 90s, 1h)"
     )

@@ -264,9 +264,10 @@ class DiscoveryWorker:
             return True
         now = self.clock()
         due = [(a, s) for a, s in self.accounts.items() if not only_due or s.due <= now]
-        results = await asyncio.gather(*(self._list(account, state) for account, state in due))
-        self.rounds += 1
+        # Read once a round: the listings keep last known functions from it, and changes are judged by it.
         current = self.store.current()
+        results = await asyncio.gather(*(self._list(account, state, current) for account, state in due))
+        self.rounds += 1
         existing = {u.key for u in self.config.upstreams}
         changes: dict[ObjectKey, DiscoveryRecord | None] = {}
         for key, record in (item for result in results for item in result.items()):
@@ -299,14 +300,15 @@ class DiscoveryWorker:
                     )
         return all(s.failures == 0 for _, s in due)
 
-    async def _list(self, account: Account, state: AccountState) -> dict[ObjectKey, DiscoveryRecord]:
+    async def _list(
+        self, account: Account, state: AccountState, current: Mapping[ObjectKey, DiscoveryRecord | None]
+    ) -> dict[ObjectKey, DiscoveryRecord]:
         group = state.targets
         prefixes = [t.settings.name_prefix or "" for t in group]
         common = os.path.commonprefix(prefixes) if all(prefixes) else ""
         filters = Filters(name_prefix=common or None, tags=group[0].settings.tags if len(group) == 1 else ())
         with_tags = any(t.settings.tags for t in group)
         interval = self.local_interval_s if account in self.local_accounts else self.interval_s
-        current = self.store.current()
         try:
             entries, stats = await self.lister.list_account(account, filters, with_tags=with_tags)
         except DiscoveryError as err:

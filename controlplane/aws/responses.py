@@ -79,18 +79,27 @@ def _header_name(name: Any) -> str:
     return name.lower()
 
 
-def unwrap_proxy_response(payload: bytes) -> HttpResponse:
-    """Parse a REST (1.0) proxy response; raises MalformedResponse with a reason for the log."""
+def _load(payload: bytes) -> Any:
     try:
-        doc = json.loads(payload)
+        return json.loads(payload)
     except (ValueError, UnicodeDecodeError) as err:
         raise MalformedResponse(f"the function's result is not JSON ({err})") from None
+
+
+def unwrap_proxy_response(payload: bytes) -> HttpResponse:
+    """Parse a REST (1.0) proxy response; raises MalformedResponse with a reason for the log."""
+    doc = _load(payload)
     if not isinstance(doc, dict):
         raise MalformedResponse(
             f"the function returned a JSON {type(doc).__name__}, not an object with statusCode"
         )
     if "statusCode" not in doc:
         raise MalformedResponse("the function's result has no statusCode")
+    return _structured(doc, multi_value=True)
+
+
+def _structured(doc: dict[str, Any], *, multi_value: bool) -> HttpResponse:
+    """A response object with statusCode; `multi_value`: honour multiValueHeaders (REST does, HTTP API not)."""
     status = doc["statusCode"]
     if isinstance(status, str) and status.isdigit():
         status = int(status)
@@ -100,7 +109,7 @@ def unwrap_proxy_response(payload: bytes) -> HttpResponse:
 
     headers: list[tuple[str, str]] = []
     single = doc.get("headers") or {}
-    multi = doc.get("multiValueHeaders") or {}
+    multi = (doc.get("multiValueHeaders") or {}) if multi_value else {}
     if not isinstance(single, dict):
         raise MalformedResponse("headers must be an object")
     if not isinstance(multi, dict):
@@ -157,17 +166,13 @@ def unwrap_v2_response(payload: bytes) -> HttpResponse:
     (each becomes a Set-Cookie header), body and isBase64Encoded. Any other valid JSON is the body of a 200
     with content-type application/json, as the function returned it.
     """
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MalformedResponse(f"the function's result is not JSON ({err})") from None
+    doc = _load(payload)
     if not isinstance(doc, dict) or "statusCode" not in doc:
         return HttpResponse(200, [("content-type", "application/json")], payload.strip())
     cookies = doc.get("cookies") or []
     if not isinstance(cookies, list):
         raise MalformedResponse("cookies must be a list of strings")
-    structured = {k: v for k, v in doc.items() if k != "multiValueHeaders"}  # HTTP API ignores them
-    out = unwrap_proxy_response(json.dumps(structured).encode())
+    out = _structured(doc, multi_value=False)
     for i, cookie in enumerate(cookies):
         out.headers.append(("set-cookie", _header_value(cookie, f"cookies[{i}]")))
     return out

@@ -5,6 +5,7 @@ Instances are always valid on their own; references between objects are checked 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -151,9 +152,12 @@ class Upstream:
         for fn in self.functions:
             if fn.name == name:
                 return fn
-        if self.discovered:
-            return _discovered_index(self.discovered).get(name)
-        return None
+        return self._discovered_by_name.get(name) if self.discovered else None
+
+    @functools.cached_property
+    def _discovered_by_name(self) -> dict[str, Function]:
+        # Tens of thousands of discovered names: index them once per Upstream object.
+        return {fn.name: fn for fn in self.discovered}
 
     def function_names(self) -> list[str]:
         """Every logical name a route may use: the spec's, then the discovered ones it does not shadow."""
@@ -163,21 +167,6 @@ class Upstream:
 
     def default_endpoint(self) -> Endpoint:
         return Endpoint("https", f"lambda.{self.region}.amazonaws.com", 443)
-
-
-_INDEX_CACHE: dict[int, tuple[tuple[Function, ...], dict[str, Function]]] = {}
-
-
-def _discovered_index(functions: tuple[Function, ...]) -> dict[str, Function]:
-    """A name index over a discovered tuple (tens of thousands of names), built once per tuple."""
-    cached = _INDEX_CACHE.get(id(functions))
-    if cached is not None and cached[0] is functions:
-        return cached[1]
-    index = {fn.name: fn for fn in functions}
-    if len(_INDEX_CACHE) > 64:
-        _INDEX_CACHE.clear()
-    _INDEX_CACHE[id(functions)] = (functions, index)
-    return index
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from harness import Envoy, LoopThread, control_plane, free_port, http, wait_until
 from k8s.cluster import KubeCluster
-from k8s.fixtures import kube_cluster  # noqa: F401 (a fixture)
+from k8s.fixtures import install_deploy, kube_cluster  # noqa: F401 (a fixture)
 
 from controlplane.locallambda import LocalLambda
 from controlplane.sources.kubernetes import KubeSettings
@@ -210,17 +210,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # noqa: F811
     cluster = kube_cluster
-    # deploy/ installed the way a user installs it: CRDs, ServiceAccounts, RBAC (the Deployments make no pods:
-    # no controller-manager runs).
-    cluster.kubectl("apply", "-k", str(ROOT / "deploy"))
-    for crd in ("upstreams.lambdagate.io", "virtualservices.lambdagate.io"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
-    wait_until(
-        lambda: cluster.kubectl("get", "upstreams,virtualservices", "-A", check=False).returncode == 0,
-        30,
-        what="the lambdagate.io API to be served",
-    )
-    cluster.kubectl("create", "namespace", NS, check=False)
+    install_deploy(cluster, NS)
     tmp = tmp_path_factory.mktemp("discovery")
     folder = tmp / "functions"
     folder.mkdir()

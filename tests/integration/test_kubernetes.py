@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from harness import Envoy, LoopThread, control_plane, free_port, http, wait_until
 from k8s.cluster import KubeCluster
-from k8s.fixtures import kube_cluster  # noqa: F401 (a fixture)
+from k8s.fixtures import install_deploy, kube_cluster  # noqa: F401 (a fixture)
 
 from controlplane.locallambda import LocalLambda
 from controlplane.model.resources import Endpoint
@@ -79,16 +79,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def installed(kube_cluster: KubeCluster) -> KubeCluster:  # noqa: F811
     """The CRDs and deploy/'s namespace, ServiceAccount and RBAC, applied the way a user installs them."""
-    kube_cluster.kubectl("apply", "-k", str(ROOT / "deploy"))
-    for crd in ("upstreams.lambdagate.io", "virtualservices.lambdagate.io"):
-        kube_cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
-    # Established can come a moment before the new API answers; wait for it, as a controller would.
-    wait_until(
-        lambda: kube_cluster.kubectl("get", "upstreams,virtualservices", "-A", check=False).returncode == 0,
-        30,
-        what="the lambdagate.io API to be served",
-    )
-    kube_cluster.kubectl("create", "namespace", NS, check=False)
+    install_deploy(kube_cluster, NS)
     return kube_cluster
 
 

@@ -37,3 +37,22 @@ def kube_cluster(request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
         if _users == 0:
             cluster.stop()
             _shared = None
+
+
+def install_deploy(cluster: KubeCluster, namespace: str) -> None:
+    """deploy/ applied the way a user installs it (CRDs, ServiceAccounts, RBAC; the Deployments make no pods:
+    no controller-manager runs), the lambdagate.io API served, and `namespace` created for a test's objects."""
+    from pathlib import Path
+
+    from harness import wait_until
+
+    cluster.kubectl("apply", "-k", str(Path(__file__).resolve().parents[2] / "deploy"))
+    for crd in ("upstreams.lambdagate.io", "virtualservices.lambdagate.io"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
+    # Established can come a moment before the new API answers; wait for it, as a controller would.
+    wait_until(
+        lambda: cluster.kubectl("get", "upstreams,virtualservices", "-A", check=False).returncode == 0,
+        30,
+        what="the lambdagate.io API to be served",
+    )
+    cluster.kubectl("create", "namespace", namespace, check=False)
