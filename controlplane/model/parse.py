@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,8 +28,15 @@ from controlplane.model.resources import (
     PAYLOAD_FORMATS,
     QUALIFIER_RE,
     REGION_RE,
+    ERROR_KINDS,
+    MAX_RETRIES,
     AwsCredentials,
+    CorsPolicy,
     Destination,
+    FunctionChoice,
+    KeepWarm,
+    MockResponse,
+    RateLimit,
     DiscoverySettings,
     Endpoint,
     Function,
@@ -148,11 +156,25 @@ UPSTREAM_FIELDS = (
     "discovery",
     "options",
 )
-OPTION_FIELDS = ("payload_format", "invocation_type", "timeout")
+OPTION_FIELDS = (
+    "payload_format",
+    "invocation_type",
+    "timeout",
+    "max_retries",
+    "errors",
+    "log_tail",
+    "rate_limit",
+    "cors",
+)
+DAY_S = 86400.0
+# An origin as browsers send it: scheme://host[:port], no path.
+ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+# An HTTP header name (RFC 9110 token).
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}$")
 STAGE_VARIABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 # API Gateway's rule for stage variable values.
 STAGE_VARIABLE_VALUE_RE = re.compile(r"^[A-Za-z0-9\-._~:/?#&=,]{0,512}$")
-_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)?$")
+_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?$")
 DISCOVERY_FIELDS = ("enabled", "name_prefix", "tags")
 # IAM's own pattern for a role ARN (any partition).
 ROLE_ARN_RE = re.compile(r"^arn:aws[a-zA-Z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$")
@@ -218,23 +240,129 @@ def _parse_options(raw: Any, path: str) -> RouteOptions:
     timeout = None
     if "timeout" in opts:
         timeout = _duration(opts["timeout"], f"{path}.timeout")
-    return RouteOptions(fmt, itype, timeout)
+    retries = None
+    if "max_retries" in opts:
+        retries = _int(opts["max_retries"], f"{path}.max_retries", 0, MAX_RETRIES)
+    errors = None
+    if "errors" in opts:
+        errors = _parse_errors(opts["errors"], f"{path}.errors")
+    log_tail = None
+    if "log_tail" in opts:
+        log_tail = _bool(opts["log_tail"], f"{path}.log_tail")
+    rate_limit = None
+    if "rate_limit" in opts:
+        rate_limit = _parse_rate_limit(opts["rate_limit"], f"{path}.rate_limit")
+    cors = None
+    if "cors" in opts:
+        cors = _parse_cors(opts["cors"], f"{path}.cors")
+    return RouteOptions(fmt, itype, timeout, retries, errors, log_tail, rate_limit, cors)
 
 
-def _duration(raw: Any, path: str) -> float:
-    """`29s`, `500ms`, `2m` or a number of seconds; more than 0 and at most Lambda's 900 s."""
+def _parse_errors(raw: Any, path: str) -> tuple[tuple[str, int], ...]:
+    mapping = _mapping(raw, path, required=True)
+    out = []
+    for kind, status in mapping.items():
+        if kind not in ERROR_KINDS:
+            raise ConfigError(
+                f"unknown error kind; expected one of {', '.join(ERROR_KINDS)}", field=f"{path}.{kind}"
+            )
+        out.append((kind, _int(status, f"{path}.{kind}", 400, 599)))
+    return tuple(sorted(out))
+
+
+def _parse_rate_limit(raw: Any, path: str) -> RateLimit:
+    spec = _mapping(raw, path, required=True)
+    _no_unknown(spec, ("requests", "per", "burst"), path)
+    if "requests" not in spec:
+        raise ConfigError("missing; the number of requests allowed per period", field=f"{path}.requests")
+    requests = _int(spec["requests"], f"{path}.requests", 1, 1_000_000)
+    per = _duration(spec["per"], f"{path}.per", max_s=DAY_S) if "per" in spec else 1.0
+    if per < 0.05:
+        raise ConfigError(
+            "must be at least 50ms (Envoy's token bucket refills no faster)", field=f"{path}.per"
+        )
+    burst = requests
+    if "burst" in spec:
+        burst = _int(spec["burst"], f"{path}.burst", requests, 10_000_000)
+    return RateLimit(requests, per, burst)
+
+
+def _parse_cors(raw: Any, path: str) -> CorsPolicy:
+    spec = _mapping(raw, path, required=True)
+    _no_unknown(
+        spec,
+        ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "max_age", "allow_credentials"),
+        path,
+    )
+    origins = _str_list(spec.get("allow_origins"), f"{path}.allow_origins", required=True)
+    for i, origin in enumerate(origins):
+        if origin != "*" and not ORIGIN_RE.fullmatch(origin):
+            raise ConfigError(
+                f"{origin!r} is not an origin such as https://app.example.com (or '*')",
+                field=f"{path}.allow_origins[{i}]",
+            )
+    methods = tuple(m.upper() for m in _str_list(spec.get("allow_methods"), f"{path}.allow_methods"))
+    for i, method in enumerate(methods):
+        if method != "*" and method not in HTTP_METHODS:
+            raise ConfigError(f"{method!r} is not an HTTP method", field=f"{path}.allow_methods[{i}]")
+    headers = {}
+    for key in ("allow_headers", "expose_headers"):
+        names = _str_list(spec.get(key), f"{path}.{key}")
+        for i, name in enumerate(names):
+            if name != "*" and not HEADER_NAME_RE.fullmatch(name):
+                raise ConfigError(f"{name!r} is not a header name", field=f"{path}.{key}[{i}]")
+        headers[key] = tuple(names)
+    max_age = None
+    if "max_age" in spec:
+        max_age = int(_duration(spec["max_age"], f"{path}.max_age", max_s=DAY_S))
+    credentials = _bool(spec.get("allow_credentials", False), f"{path}.allow_credentials")
+    if credentials and "*" in origins:
+        raise ConfigError(
+            "browsers refuse credentials with the '*' origin; list the origins",
+            field=f"{path}.allow_credentials",
+        )
+    return CorsPolicy(
+        tuple(origins), methods, headers["allow_headers"], headers["expose_headers"], max_age, credentials
+    )
+
+
+def _duration(raw: Any, path: str, *, max_s: float = MAX_TIMEOUT_S) -> float:
+    """`29s`, `500ms`, `2m`, `1h` or a number of seconds; more than 0 and at most `max_s` (Lambda's 900 s)."""
     if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise ConfigError(f"must be a duration such as 10s or 500ms, got {_typename(raw)}", field=path)
     if isinstance(raw, str):
         m = _DURATION_RE.fullmatch(raw.strip())
         if m is None:
             raise ConfigError(f"{raw!r} is not a duration such as 10s, 500ms or 2m", field=path)
-        value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+        value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
     else:
         value = float(raw)
-    if not 0 < value <= MAX_TIMEOUT_S:
-        raise ConfigError(f"must be more than 0 and at most {MAX_TIMEOUT_S:g}s (Lambda's limit)", field=path)
+    if not 0 < value <= max_s:
+        limit = f"{max_s:g}s (Lambda's limit)" if max_s == MAX_TIMEOUT_S else f"{max_s:g}s"
+        raise ConfigError(f"must be more than 0 and at most {limit}", field=path)
     return value
+
+
+def _int(raw: Any, path: str, low: int, high: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ConfigError(f"must be a whole number from {low} to {high}, got {_typename(raw)}", field=path)
+    if not low <= raw <= high:
+        raise ConfigError(f"must be from {low} to {high}, got {raw}", field=path)
+    return raw
+
+
+def _bool(raw: Any, path: str) -> bool:
+    if not isinstance(raw, bool):
+        raise ConfigError(f"must be true or false, got {_typename(raw)}", field=path)
+    return raw
+
+
+def _str_list(raw: Any, path: str, *, required: bool = False) -> list[str]:
+    if raw is None and not required:
+        return []
+    if not isinstance(raw, list) or (required and not raw):
+        raise ConfigError("must be a non-empty list of strings" if required else "must be a list", field=path)
+    return [_str(v, f"{path}[{i}]", required=True) for i, v in enumerate(raw)]
 
 
 def _parse_discovery(raw: Any) -> DiscoverySettings:
@@ -294,19 +422,16 @@ def _parse_endpoint(raw: Any) -> Endpoint | str | None:
 
 def _parse_function(raw: Any, path: str) -> Function:
     fn = _mapping(raw, path, required=True)
-    _no_unknown(fn, ("name", "spec"), path)
+    _no_unknown(fn, ("name", "spec", "keep_warm"), path)
     name = _str(fn.get("name"), f"{path}.name", required=True)
     if not LOGICAL_NAME_RE.fullmatch(name):
         raise ConfigError(f"{name!r} is not a valid function name", field=f"{path}.name")
     spec = _mapping(fn.get("spec"), f"{path}.spec", required=True)
     _no_unknown(spec, ("function_name", "qualifier"), f"{path}.spec")
-    function_name = _str(spec.get("function_name"), f"{path}.spec.function_name", required=True)
-    if not FUNCTION_NAME_RE.fullmatch(function_name) or len(function_name) > 170:
-        raise ConfigError(
-            f"{function_name!r} is not a Lambda function name: use a name, name:qualifier, "
-            "a full ARN or a partial ARN (123456789012:function:name)",
-            field=f"{path}.spec.function_name",
-        )
+    function_name = _check_function_name(
+        _str(spec.get("function_name"), f"{path}.spec.function_name", required=True),
+        f"{path}.spec.function_name",
+    )
     qualifier = _str(spec.get("qualifier"), f"{path}.spec.qualifier") or None
     if qualifier is not None and not QUALIFIER_RE.fullmatch(qualifier):
         raise ConfigError(f"{qualifier!r} is not a version, alias or $LATEST", field=f"{path}.spec.qualifier")
@@ -318,7 +443,28 @@ def _parse_function(raw: Any, path: str) -> Function:
                 field=f"{path}.spec.qualifier",
             )
         function_name, qualifier = base, embedded
-    return Function(name, function_name, qualifier)
+    keep_warm = None
+    if "keep_warm" in fn:
+        warm = _mapping(fn["keep_warm"], f"{path}.keep_warm", required=True)
+        _no_unknown(warm, ("interval", "concurrency"), f"{path}.keep_warm")
+        if "interval" not in warm:
+            raise ConfigError("missing; how often to warm, such as 5m", field=f"{path}.keep_warm.interval")
+        interval = _duration(warm["interval"], f"{path}.keep_warm.interval", max_s=DAY_S)
+        if interval < 1:
+            raise ConfigError("must be at least 1s", field=f"{path}.keep_warm.interval")
+        concurrency = _int(warm.get("concurrency", 1), f"{path}.keep_warm.concurrency", 1, 50)
+        keep_warm = KeepWarm(interval, concurrency)
+    return Function(name, function_name, qualifier, keep_warm)
+
+
+def _check_function_name(value: str, path: str) -> str:
+    if not FUNCTION_NAME_RE.fullmatch(value) or len(value) > 170:
+        raise ConfigError(
+            f"{value!r} is not a Lambda function name: use a name, name:qualifier, "
+            "a full ARN or a partial ARN (123456789012:function:name)",
+            field=path,
+        )
+    return value
 
 
 VS_FIELDS = ("domains", "routes", "stage", "stage_variables")
@@ -361,27 +507,116 @@ def _parse_virtual_service(
     )
 
 
+DESTINATION_FIELDS = ("upstream", "function", "function_name", "function_param", "functions")
+MAX_WEIGHT = 1_000_000
+
+
 def _parse_route(raw: Any, path: str, namespace: str) -> Route:
     route = _mapping(raw, path, required=True)
-    _no_unknown(route, ("matcher", "destination", "options"), path)
+    _no_unknown(route, ("matcher", "destination", "options", "mock"), path)
     matcher = _parse_matcher(route.get("matcher"), f"{path}.matcher")
-    dest = _mapping(route.get("destination"), f"{path}.destination", required=True)
-    _no_unknown(dest, ("upstream", "function"), f"{path}.destination")
+    options = _parse_options(route.get("options"), f"{path}.options")
+    if "mock" in route:
+        if "destination" in route:
+            raise ConfigError(
+                "a mock route answers by itself; remove destination or mock", field=f"{path}.mock"
+            )
+        return Route(matcher, None, options, _parse_mock(route["mock"], f"{path}.mock"))
+    return Route(matcher, _parse_destination(route.get("destination"), path, namespace, matcher), options)
+
+
+def _parse_destination(raw: Any, path: str, namespace: str, matcher: Matcher) -> Destination:
+    dpath = f"{path}.destination"
+    dest = _mapping(raw, dpath, required=True)
+    _no_unknown(dest, DESTINATION_FIELDS, dpath)
     up = dest.get("upstream")
     if isinstance(up, dict):
         # Gloo's form: {name, namespace}.
-        _no_unknown(up, ("name", "namespace"), f"{path}.destination.upstream")
-        up_name = _str(up.get("name"), f"{path}.destination.upstream.name", required=True)
-        up_ns = _str(up.get("namespace"), f"{path}.destination.upstream.namespace") or namespace
+        _no_unknown(up, ("name", "namespace"), f"{dpath}.upstream")
+        up_name = _str(up.get("name"), f"{dpath}.upstream.name", required=True)
+        up_ns = _str(up.get("namespace"), f"{dpath}.upstream.namespace") or namespace
     else:
-        up_name = _str(up, f"{path}.destination.upstream", required=True)
+        up_name = _str(up, f"{dpath}.upstream", required=True)
         up_ns = namespace
-    function = _str(dest.get("function"), f"{path}.destination.function", required=True)
-    return Route(
-        matcher,
-        Destination(up_name, up_ns, function),
-        _parse_options(route.get("options"), f"{path}.options"),
-    )
+    given = [k for k in ("function", "function_name", "function_param", "functions") if k in dest]
+    if not given:
+        raise ConfigError(
+            "missing; name the function (or give function_name, function_param or functions)",
+            field=f"{dpath}.function",
+        )
+    if len(given) > 1:
+        raise ConfigError(f"give only one of {', '.join(given)}", field=f"{dpath}.{given[1]}")
+    which = given[0]
+    if which == "function":
+        return Destination(up_name, up_ns, _str(dest["function"], f"{dpath}.function", required=True))
+    if which == "function_name":
+        fname = _str(dest["function_name"], f"{dpath}.function_name", required=True)
+        return Destination(
+            up_name, up_ns, function_name=_check_function_name(fname, f"{dpath}.function_name")
+        )
+    if which == "function_param":
+        param = _str(dest["function_param"], f"{dpath}.function_param", required=True)
+        if param not in matcher.params:
+            have = ", ".join(matcher.params) or "none"
+            raise ConfigError(
+                f"{param!r} is not a path parameter of this route's matcher (it has: {have})",
+                field=f"{dpath}.function_param",
+            )
+        return Destination(up_name, up_ns, function_param=param)
+    raw_choices = dest["functions"]
+    if not isinstance(raw_choices, list) or not raw_choices:
+        raise ConfigError("must be a non-empty list of {function, weight}", field=f"{dpath}.functions")
+    choices = []
+    for i, item in enumerate(raw_choices):
+        cpath = f"{dpath}.functions[{i}]"
+        choice = _mapping(item, cpath, required=True)
+        _no_unknown(choice, ("function", "function_name", "weight"), cpath)
+        if ("function" in choice) == ("function_name" in choice):
+            raise ConfigError("give exactly one of function or function_name", field=f"{cpath}.function")
+        if "weight" not in choice:
+            raise ConfigError("missing; a whole number such as 80", field=f"{cpath}.weight")
+        weight = _int(choice["weight"], f"{cpath}.weight", 0, MAX_WEIGHT)
+        if "function" in choice:
+            choices.append(
+                FunctionChoice(_str(choice["function"], f"{cpath}.function", required=True), None, weight)
+            )
+        else:
+            fname = _check_function_name(
+                _str(choice["function_name"], f"{cpath}.function_name", required=True),
+                f"{cpath}.function_name",
+            )
+            choices.append(FunctionChoice("", fname, weight))
+    if not any(c.weight for c in choices):
+        raise ConfigError("at least one weight must be more than 0", field=f"{dpath}.functions")
+    return Destination(up_name, up_ns, functions=tuple(choices))
+
+
+def _parse_mock(raw: Any, path: str) -> MockResponse:
+    mock = _mapping(raw, path, required=True)
+    _no_unknown(mock, ("status", "headers", "body"), path)
+    status = _int(mock.get("status", 200), f"{path}.status", 200, 599)
+    headers = []
+    for key, value in _mapping(mock.get("headers"), f"{path}.headers").items():
+        hpath = f"{path}.headers.{key}"
+        if not isinstance(key, str) or not HEADER_NAME_RE.fullmatch(key) or key.startswith(":"):
+            raise ConfigError("not a header name", field=hpath)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"must be a string, got {_typename(value)}", field=hpath)
+        text = str(value)
+        if any(c in text for c in "\r\n\0"):
+            raise ConfigError("a header value cannot hold line breaks", field=hpath)
+        headers.append((key.lower(), text))
+    body = mock.get("body", "")
+    if isinstance(body, (dict, list)):
+        # A mapping is sent as JSON, like API Gateway's mock integration templates usually are.
+        body = json.dumps(body, separators=(",", ":"), sort_keys=True)
+        if not any(k == "content-type" for k, _ in headers):
+            headers.append(("content-type", "application/json"))
+    elif not isinstance(body, str):
+        raise ConfigError(f"must be a string or a mapping, got {_typename(body)}", field=f"{path}.body")
+    if len(body.encode()) > 64 * 1024:
+        raise ConfigError("at most 64 KiB", field=f"{path}.body")
+    return MockResponse(status, tuple(headers), body)
 
 
 def _parse_matcher(raw: Any, path: str) -> Matcher:

@@ -16,6 +16,7 @@ from controlplane.model.resources import (
     Secret,
     Upstream,
     VirtualService,
+    arn_region,
 )
 
 Resource = Secret | Upstream | VirtualService
@@ -97,6 +98,8 @@ def resolve(
     def check_vs(vs: VirtualService) -> None:
         for i, route in enumerate(vs.routes):
             dest = route.destination
+            if dest is None:  # a mock route answers by itself
+                continue
             up = upstreams.get(ObjectKey("Upstream", dest.upstream_namespace, dest.upstream))
             fpath = f"spec.routes[{i}].destination"
             if up is None:
@@ -108,16 +111,28 @@ def resolve(
                     obj=str(vs.key),
                     field=f"{fpath}.upstream",
                 )
-            if up.function(dest.function) is None:
-                names = up.function_names()
-                known = ", ".join(names[:20]) or "none"
-                if len(names) > 20:
-                    known += f" and {len(names) - 20} more"
-                raise ConfigError(
-                    f"Upstream {up.namespace}/{up.name} has no function {dest.function!r} (it has: {known})",
-                    obj=str(vs.key),
-                    field=f"{fpath}.function",
-                )
+            single = not dest.functions
+            for j, choice in enumerate(dest.choices()):
+                cpath = fpath if single else f"{fpath}.functions[{j}]"
+                if choice.function_name is not None:
+                    region = arn_region(choice.function_name)
+                    if region is not None and region != up.region:
+                        raise ConfigError(
+                            f"the ARN is in {region}, but Upstream {up.namespace}/{up.name} invokes "
+                            f"in {up.region}; use an Upstream of that region",
+                            obj=str(vs.key),
+                            field=f"{cpath}.function_name",
+                        )
+                elif up.function(choice.function) is None:
+                    names = up.function_names()
+                    known = ", ".join(names[:20]) or "none"
+                    if len(names) > 20:
+                        known += f" and {len(names) - 20} more"
+                    raise ConfigError(
+                        f"Upstream {up.namespace}/{up.name} has no function {choice.function!r} (it has: {known})",
+                        obj=str(vs.key),
+                        field=f"{cpath}.function",
+                    )
         for i, domain in enumerate(vs.domains):
             owner = claimed_domains.get(domain)
             if owner is not None and owner != vs.key:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 KIND_SECRET = "Secret"
@@ -59,12 +59,21 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class KeepWarm:
+    """API Gateway-era keep-warm: every `interval_s`, `concurrency` parallel invokes with a warm-up event."""
+
+    interval_s: float
+    concurrency: int = 1
+
+
+@dataclass(frozen=True)
 class Function:
     """A logical function name mapped to a Lambda function and qualifier."""
 
     name: str
     function_name: str
     qualifier: str | None = None
+    keep_warm: KeepWarm | None = None
 
     @property
     def effective_qualifier(self) -> str:
@@ -90,29 +99,77 @@ class Endpoint:
         return f"{self.scheme}://{self.authority}"
 
 
-PAYLOAD_FORMATS = ("apigateway-v1", "apigateway-v2")
+PAYLOAD_FORMATS = ("apigateway-v1", "apigateway-v2", "raw")
 INVOCATION_TYPES = ("RequestResponse", "Event", "DryRun")
 MAX_TIMEOUT_S = 900.0  # Lambda's own limit on a function's run
+MAX_RETRIES = 5
+# The failures whose HTTP status `options.errors` may change, with their defaults.
+ERROR_KINDS = {
+    "function_error": 502,  # the function raised (X-Amz-Function-Error)
+    "function_timeout": 504,  # the function ran past its own timeout (Sandbox.Timedout)
+    "throttled": 429,  # Lambda's TooManyRequestsException (concurrency or rate limits)
+    "malformed_response": 502,  # a proxy answer that is not what the payload format allows
+}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Envoy's local rate limit (a token bucket per Envoy): `requests` per `per_s`, bursting to `burst`."""
+
+    requests: int
+    per_s: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Browser CORS, answered by Envoy's CORS filter: preflights never reach a function."""
+
+    allow_origins: tuple[str, ...]  # exact origins, or "*"
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age_s: int | None = None
+    allow_credentials: bool = False
 
 
 @dataclass(frozen=True)
 class RouteOptions:
     """How a route invokes its function. None: inherit (route -> Upstream `spec.options` -> the default)."""
 
-    payload_format: str | None = None  # apigateway-v1 (REST 1.0 event) or apigateway-v2 (HTTP API 2.0)
+    payload_format: str | None = (
+        None  # apigateway-v1 (REST 1.0), apigateway-v2 (HTTP API 2.0) or raw (KrakenD)
+    )
     invocation_type: str | None = None  # RequestResponse, Event (202, no answer) or DryRun (204)
     timeout_s: float | None = None  # Envoy's route timeout: the longest the client waits for the function
+    max_retries: int | None = None  # retries on throttling and Invoke 5xx, each attempt signed again
+    # (kind, status) pairs over ERROR_KINDS; merged kind by kind with the layers below.
+    errors: tuple[tuple[str, int], ...] | None = None
+    log_tail: bool | None = (
+        None  # ask Lambda for the log tail; it goes to the gateway's log, never the client
+    )
+    rate_limit: RateLimit | None = None
+    cors: CorsPolicy | None = None
 
     def over(self, base: RouteOptions) -> RouteOptions:
         """These options, with `base` filling what they leave unset."""
-        return RouteOptions(
-            self.payload_format if self.payload_format is not None else base.payload_format,
-            self.invocation_type if self.invocation_type is not None else base.invocation_type,
-            self.timeout_s if self.timeout_s is not None else base.timeout_s,
-        )
+        merged = {
+            f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(base, f.name)
+            for f in fields(self)
+        }
+        if self.errors is not None and base.errors is not None:
+            merged["errors"] = tuple(sorted({**dict(base.errors), **dict(self.errors)}.items()))
+        return RouteOptions(**merged)
+
+    def error_status(self, kind: str) -> int:
+        """The HTTP status for one of ERROR_KINDS, configured or the default."""
+        for k, status in self.errors or ():
+            if k == kind:
+                return status
+        return ERROR_KINDS[kind]
 
 
-DEFAULT_OPTIONS = RouteOptions("apigateway-v1", "RequestResponse", None)
+DEFAULT_OPTIONS = RouteOptions("apigateway-v1", "RequestResponse", None, 0, None, False)
 
 
 @dataclass(frozen=True)
@@ -193,17 +250,53 @@ class Matcher:
 
 
 @dataclass(frozen=True)
+class FunctionChoice:
+    """One weighted target of a destination: a logical name of the Upstream, or a Lambda name or ARN."""
+
+    function: str = ""
+    function_name: str | None = (
+        None  # name, name:qualifier, full or partial ARN; invoked in the Upstream's region
+    )
+    weight: int = 1
+
+
+@dataclass(frozen=True)
 class Destination:
+    """Where a route goes: exactly one of `function`, `function_name`, `function_param` or `functions`."""
+
     upstream: str
     upstream_namespace: str
-    function: str
+    function: str = ""  # a logical name of the Upstream (spec or discovered)
+    function_name: str | None = None  # a Lambda name or ARN used as is
+    # The path parameter that names the function per request; only the Upstream's own names are accepted.
+    function_param: str | None = None
+    # Weighted choices (canary, A/B): each request picks one at random by weight.
+    functions: tuple[FunctionChoice, ...] = ()
+
+    def choices(self) -> tuple[FunctionChoice, ...]:
+        """The fixed targets of this destination (none for `function_param`)."""
+        if self.functions:
+            return self.functions
+        if self.function_param is not None:
+            return ()
+        return (FunctionChoice(self.function, self.function_name, 1),)
+
+
+@dataclass(frozen=True)
+class MockResponse:
+    """API Gateway's mock integration: a canned answer, no function."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
 
 
 @dataclass(frozen=True)
 class Route:
     matcher: Matcher
-    destination: Destination
+    destination: Destination | None
     options: RouteOptions = RouteOptions()
+    mock: MockResponse | None = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +348,14 @@ REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]{1}$")
 DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\+?)\}")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+
+def arn_region(function_name: str) -> str | None:
+    """The region a full ARN names (arn:aws:lambda:REGION:...), None for names and partial ARNs."""
+    m = FUNCTION_NAME_RE.fullmatch(function_name)
+    if m is None or m.group(3) is None:
+        return None
+    return m.group(3).rstrip(":")
 
 
 def split_function_name(function_name: str) -> tuple[str, str | None]:

@@ -5,9 +5,30 @@ Produced by translate (pure), consumed by extproc; kept in the model so neither 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from controlplane.model.resources import AwsCredentials, Matcher
+
+
+def invoke_path(function_name: str, qualifier: str | None) -> str:
+    # boto3 percent-encodes the whole name (':' of ARNs included); Lambda's signature check expects the same.
+    path = f"/2015-03-31/functions/{quote(function_name, safe='')}/invocations"
+    if qualifier:
+        path += f"?Qualifier={quote(qualifier, safe='')}"
+    return path
+
+
+@dataclass(frozen=True)
+class Invocable:
+    """One function a route may invoke, ready to sign: the Invoke path is precomputed."""
+
+    function: str  # the logical name, or the function_name as the route gave it
+    function_name: str
+    qualifier: str | None
+    invoke_path: str
+    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -36,3 +57,12 @@ class RouteTarget:
     stage_variables: tuple[tuple[str, str], ...] = ()
     # API Gateway's routeKey: "GET /pets/{petId}", "ANY /pets/{proxy+}".
     route_key: str = "$default"
+    # Weighted choices (two or more); empty: always `function`/`invoke_path` above.
+    choices: tuple[Invocable, ...] = ()
+    # The path parameter naming the function per request, and the names it may take (the Upstream's).
+    function_param: str | None = None
+    param_functions: Mapping[str, Invocable] | None = field(default=None, compare=False, repr=False)
+    max_retries: int = 0
+    # (kind, status) overrides of the default error statuses (RouteOptions.errors).
+    errors: tuple[tuple[str, int], ...] = ()
+    log_tail: bool = False

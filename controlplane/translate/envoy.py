@@ -25,6 +25,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
@@ -35,13 +36,25 @@ from google.protobuf.message import Message
 
 from controlplane.addresses import is_ip
 from controlplane.model import Config, Matcher
-from controlplane.model.resources import DEFAULT_OPTIONS, LOCAL_ENDPOINT, Endpoint, Upstream
-from controlplane.model.routes import RouteTarget
+from controlplane.model.resources import (
+    DEFAULT_OPTIONS,
+    LOCAL_ENDPOINT,
+    Destination,
+    Endpoint,
+    FunctionChoice,
+    Upstream,
+    split_function_name,
+)
+from controlplane.model.routes import Invocable, RouteTarget, invoke_path
+
+__all__ = ["invoke_path", "translate", "TranslateOptions", "Translation"]
 
 LISTENER_NAME = "lambdagate_http"
 ROUTE_CONFIG_NAME = "lambdagate_routes"
 EXTPROC_CLUSTER = "lambdagate_extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+# The cluster variant for routes with max_retries: its upstream filters sign every attempt anew.
+RESIGN_SUFFIX = "_resign"
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -108,14 +121,6 @@ def cluster_name(ep: Endpoint) -> str:
     return f"lambda_{ep.scheme}_{ep.host}_{ep.port}"
 
 
-def invoke_path(function_name: str, qualifier: str | None) -> str:
-    # boto3 percent-encodes the whole name (':' of ARNs included); Lambda's signature check expects the same.
-    path = f"/2015-03-31/functions/{quote(function_name, safe='')}/invocations"
-    if qualifier:
-        path += f"?Qualifier={quote(qualifier, safe='')}"
-    return path
-
-
 def route_name(vs_namespace: str, vs_name: str, index: int, target_key: str) -> str:
     # The content hash makes a name mean one target forever, so a request routed by a config Envoy still holds
     # can never be sent to the function that a later config put at the same index.
@@ -142,8 +147,38 @@ def _one_endpoint(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoa
     )
 
 
-def lambda_cluster(ep: Endpoint, options: TranslateOptions) -> cluster_pb2.Cluster:
-    name = cluster_name(ep)
+def resign_filters(options: TranslateOptions) -> list[hcm_pb2.HttpFilter]:
+    """The upstream filter chain of a retrying cluster: ext_proc signs each attempt again (headers only)."""
+    mode = processing_mode_pb2.ProcessingMode
+    signer = ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
+            timeout=_duration(options.extproc_message_timeout_s),
+        ),
+        failure_mode_allow=False,
+        processing_mode=mode(
+            request_header_mode=mode.SEND,
+            request_body_mode=mode.NONE,
+            request_trailer_mode=mode.SKIP,
+            response_header_mode=mode.SKIP,
+            response_body_mode=mode.NONE,
+            response_trailer_mode=mode.SKIP,
+        ),
+        message_timeout=_duration(options.extproc_message_timeout_s),
+        mutation_rules=mutation_rules_pb2.HeaderMutationRules(
+            disallow_is_error=wrappers_pb2.BoolValue(value=True),
+        ),
+    )
+    return [
+        hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(signer)),
+        hcm_pb2.HttpFilter(
+            name="envoy.filters.http.upstream_codec", typed_config=_any(upstream_codec_pb2.UpstreamCodec())
+        ),
+    ]
+
+
+def lambda_cluster(ep: Endpoint, options: TranslateOptions, *, resign: bool = False) -> cluster_pb2.Cluster:
+    name = cluster_name(ep) + (RESIGN_SUFFIX if resign else "")
     cluster = cluster_pb2.Cluster(
         name=name,
         connect_timeout=_duration(5),
@@ -170,6 +205,16 @@ def lambda_cluster(ep: Endpoint, options: TranslateOptions) -> cluster_pb2.Clust
         cluster.transport_socket.CopyFrom(
             base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(tls))
         )
+    if resign:
+        http = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+            ),
+            http_filters=resign_filters(options),
+        )
+        cluster.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ].CopyFrom(_any(http))
     return cluster
 
 
@@ -327,38 +372,98 @@ def route_key(m: Matcher) -> str:
     return f"{methods} {m.resource}"
 
 
+def _invocable(up: Upstream, choice: FunctionChoice) -> Invocable | None:
+    if choice.function_name is not None:
+        name, qualifier = split_function_name(choice.function_name)
+        return Invocable(choice.function_name, name, qualifier, invoke_path(name, qualifier), choice.weight)
+    fn = up.function(choice.function)
+    if fn is None:
+        return None
+    return Invocable(
+        fn.name, fn.function_name, fn.qualifier, invoke_path(fn.function_name, fn.qualifier), choice.weight
+    )
+
+
+def retry_policy(retries: int) -> route_components_pb2.RetryPolicy:
+    """Lambda's throttling (429) and the Invoke API's own 5xx, with backoff; Retry-After, when sent, wins."""
+    return route_components_pb2.RetryPolicy(
+        retry_on="5xx,reset,connect-failure,retriable-status-codes",
+        retriable_status_codes=[429],
+        num_retries=wrappers_pb2.UInt32Value(value=retries),
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=_duration(0.1), max_interval=_duration(2)
+        ),
+        rate_limited_retry_back_off=route_components_pb2.RetryPolicy.RateLimitedRetryBackOff(
+            reset_headers=[
+                route_components_pb2.RetryPolicy.ResetHeader(
+                    name="retry-after", format=route_components_pb2.RetryPolicy.SECONDS
+                )
+            ],
+            max_interval=_duration(10),
+        ),
+    )
+
+
 def translate(config: Config, options: TranslateOptions) -> Translation:
     clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc_cluster(options)}
     vhosts: list[route_components_pb2.VirtualHost] = []
     table: dict[str, RouteTarget] = {}
+    param_tables: dict[tuple[str, str], dict[str, Invocable]] = {}
     for vs in config.virtual_services:
         routes: list[route_components_pb2.Route] = []
         for i, route in enumerate(vs.routes):
             dest = route.destination
+            if dest is None:
+                continue  # mock routes: answered by Envoy (see below)
             up = config.upstream(dest.upstream_namespace, dest.upstream)
-            fn = up.function(dest.function) if up else None
-            if up is None or fn is None:  # resolve() guarantees these; translate stays total anyway
+            if up is None:  # resolve() guarantees it; translate stays total anyway
                 continue
+            choices = [_invocable(up, c) for c in dest.choices()]
+            if any(c is None for c in choices):
+                continue
+            invocables = [c for c in choices if c is not None]
             ep = upstream_endpoint(up, config)
-            cname = cluster_name(ep)
+            opts = route.options.over(up.options).over(DEFAULT_OPTIONS)
+            retries = opts.max_retries or 0
+            # Retried routes go through the cluster whose upstream ext_proc signs each attempt again.
+            cname = cluster_name(ep) + (RESIGN_SUFFIX if retries else "")
             if cname not in clusters:
-                clusters[cname] = lambda_cluster(ep, options)
+                clusters[cname] = lambda_cluster(ep, options, resign=bool(retries))
             secret = config.secret(up.namespace, up.secret_ref) if up.secret_ref else None
-            path = invoke_path(fn.function_name, fn.qualifier)
+            param_functions = None
+            if dest.function_param is not None:
+                ukey = (up.namespace, up.name)
+                if ukey not in param_tables:
+                    param_tables[ukey] = {
+                        name: inv
+                        for name in up.function_names()
+                        if (inv := _invocable(up, FunctionChoice(name))) is not None
+                    }
+                param_functions = param_tables[ukey]
+            first = next((c for c in invocables if c.weight), None) or Invocable(
+                f"{{{dest.function_param}}}", "", None, ""
+            )
             parts: tuple[object, ...] = (
                 route.matcher,
-                path,
+                first.invoke_path,
                 ep,
                 up.region,
                 vs.stage,
                 up.namespace,
                 up.name,
-                fn.name,
+                first.function,
             )
-            opts = route.options.over(up.options).over(DEFAULT_OPTIONS)
+            plain = dest == Destination(dest.upstream, dest.upstream_namespace, dest.function)
             # Only what is set beyond the defaults joins the name's hash: names of plain routes stay as they were.
             extra = tuple(
-                x for x in (up.role_arn, opts if opts != DEFAULT_OPTIONS else None, vs.stage_variables) if x
+                x
+                for x in (
+                    up.role_arn,
+                    opts if opts != DEFAULT_OPTIONS else None,
+                    vs.stage_variables,
+                    None if plain else dest,
+                )
+                if x
             )
             key = repr(parts + extra if extra else parts)
             name = route_name(vs.namespace, vs.name, i, key)
@@ -366,10 +471,10 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 route_name=name,
                 virtual_service=f"{vs.namespace}/{vs.name}",
                 upstream=f"{up.namespace}/{up.name}",
-                function=fn.name,
-                function_name=fn.function_name,
-                qualifier=fn.qualifier,
-                invoke_path=path,
+                function=first.function,
+                function_name=first.function_name,
+                qualifier=first.qualifier,
+                invoke_path=first.invoke_path,
                 scheme=ep.scheme,
                 authority=ep.authority,
                 region=up.region,
@@ -382,15 +487,24 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 invocation_type=opts.invocation_type or "RequestResponse",
                 stage_variables=vs.stage_variables,
                 route_key=route_key(route.matcher),
+                choices=tuple(invocables) if len(invocables) > 1 else (),
+                function_param=dest.function_param,
+                param_functions=param_functions,
+                max_retries=retries,
+                errors=opts.errors or (),
+                log_tail=bool(opts.log_tail),
             )
+            action = route_components_pb2.RouteAction(
+                cluster=cname,
+                timeout=_duration(opts.timeout_s or options.route_timeout_s),
+            )
+            if retries:
+                action.retry_policy.CopyFrom(retry_policy(retries))
             routes.append(
                 route_components_pb2.Route(
                     name=name,
                     match=route_match(route.matcher),
-                    route=route_components_pb2.RouteAction(
-                        cluster=cname,
-                        timeout=_duration(opts.timeout_s or options.route_timeout_s),
-                    ),
+                    route=action,
                     typed_per_filter_config=_extproc_enabled(),
                 )
             )

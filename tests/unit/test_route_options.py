@@ -25,14 +25,14 @@ def test_options_parse_and_layer() -> None:
     assert vs.routes[0].options == RouteOptions(None, "Event", 1.5)
     assert up.options == RouteOptions("apigateway-v2", None, 20.0)
     effective = vs.routes[0].options.over(up.options).over(DEFAULT_OPTIONS)
-    assert effective == RouteOptions("apigateway-v2", "Event", 1.5)
+    assert effective == RouteOptions("apigateway-v2", "Event", 1.5, 0, None, False)
     assert RouteOptions().over(RouteOptions()).over(DEFAULT_OPTIONS) == DEFAULT_OPTIONS
 
 
 @pytest.mark.parametrize(
     ("options", "field", "words"),
     [
-        ({"payload_format": "v3"}, "spec.routes[0].options.payload_format", "apigateway-v1, apigateway-v2"),
+        ({"payload_format": "v3"}, "spec.routes[0].options.payload_format", "apigateway-v1, apigateway-v2, raw"),
         ({"invocation_type": "event"}, "spec.routes[0].options.invocation_type", "RequestResponse, Event"),
         ({"timeout": "soon"}, "spec.routes[0].options.timeout", "not a duration"),
         ({"timeout": "16m"}, "spec.routes[0].options.timeout", "at most 900s"),
