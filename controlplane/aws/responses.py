@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,8 @@ class HttpResponse:
     # For the gateway's log only; never sent.
     log_reason: str | None = None
     log_detail: str | None = None
+    # One of the model's ERROR_KINDS when this is a mappable failure (`options.errors`), else None.
+    kind: str | None = None
 
 
 # RFC 9110: a field name is a token; a value is visible ASCII, spaces and tabs.
@@ -193,22 +196,26 @@ def function_error(payload: bytes, kind: str, request_id: str) -> HttpResponse:
             if doc.get("errorType") == "Sandbox.Timedout" or "Task timed out" in str(
                 doc.get("errorMessage", "")
             ):
-                return json_error(
+                out = json_error(
                     504,
                     "Endpoint request timed out",
                     request_id,
                     log_reason="function timed out",
                     log_detail=detail,
                 )
+                out.kind = "function_timeout"
+                return out
     except ValueError:
         detail = _short(payload)
-    return json_error(
+    out = json_error(
         502,
         "Internal server error",
         request_id,
         log_reason=f"function error ({kind})",
         log_detail=detail or _short(payload),
     )
+    out.kind = "function_error"
+    return out
 
 
 def invoke_api_error(
@@ -222,8 +229,9 @@ def invoke_api_error(
         resp = json_error(
             429, "Too Many Requests", request_id, log_reason="Lambda throttled", log_detail=detail
         )
-        if retry_after:
-            resp.headers.append(("retry-after", retry_after))
+        # A client told to slow down is told when to come back: Lambda's own hint, or a second.
+        resp.headers.append(("retry-after", _retry_after(retry_after, payload)))
+        resp.kind = "throttled"
         return resp
     if etype in (
         "InvalidSignatureException",
@@ -272,6 +280,25 @@ def invoke_api_error(
     return json_error(
         502, "Bad gateway", request_id, log_reason=f"Lambda API error {status}", log_detail=detail
     )
+
+
+def _retry_after(header: str | None, payload: bytes) -> str:
+    """Whole seconds from Lambda's Retry-After header or its body's retryAfterSeconds, at least 1."""
+    candidates: list[Any] = [header]
+    try:
+        doc = json.loads(payload)
+        if isinstance(doc, dict):
+            candidates.append(doc.get("retryAfterSeconds"))
+    except ValueError:
+        pass
+    for value in candidates:
+        try:
+            seconds = float(str(value).strip())
+        except ValueError:
+            continue
+        if 0 <= seconds <= 3600:
+            return str(max(1, math.ceil(seconds)))
+    return "1"
 
 
 def _error_body(payload: bytes) -> tuple[str, str]:

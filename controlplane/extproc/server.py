@@ -7,9 +7,15 @@ answer becomes the HTTP response. Anything that cannot be done correctly ends th
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import json
 import logging
+import os
+import random
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +28,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.aws.events import HttpRequest, RouteInfo, build_v1_event, build_v2_event
+from controlplane.aws.events import HttpRequest, RouteInfo, build_v1_event, build_v2_event, path_parameters
+from controlplane.aws.raw import NotJson, raw_payload, raw_response
 from controlplane.aws.responses import (
     HttpResponse,
     MalformedResponse,
@@ -35,7 +42,8 @@ from controlplane.aws.responses import (
 )
 from controlplane.aws.roles import RoleCache, RoleCredentials
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen, sign_invoke
-from controlplane.model.routes import RouteTarget
+from controlplane.model.resources import ERROR_KINDS
+from controlplane.model.routes import Invocable, RouteTarget
 
 log = logging.getLogger("lambdagate.extproc")
 
@@ -51,6 +59,15 @@ INVOKE_HEADERS = {
     "Event": {"content-type": "application/json", "x-amz-invocation-type": "Event"},
     "DryRun": {"content-type": "application/json", "x-amz-invocation-type": "DryRun"},
 }
+# Set on requests of routes with retries: the route whose credentials sign each attempt again. The upstream
+# ext_proc of the retrying cluster reads and removes it; a client's own copy is always removed.
+RESIGN_HEADER = "x-lambdagate-sign"
+# Tracing headers passed on to the Invoke call (Lambda and X-Ray read X-Amzn-Trace-Id; botocore never signs it).
+TRACE_HEADER = "x-amzn-trace-id"
+TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+AMZN_TRACE_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
+# A function named by a path parameter: a logical name's characters, looked up among the Upstream's names.
+PARAM_NAME_RE = re.compile(r"^[A-Za-z0-9._:$-]{1,170}$")
 # Response headers Envoy or the client should keep from Lambda's answer; everything else is Lambda's own.
 KEPT_RESPONSE_HEADERS = frozenset({"date"})
 _TRUE = wrappers_pb2.BoolValue(value=True)
@@ -167,6 +184,7 @@ class Processor:
         "protocol",
         "resp_status",
         "resp_headers",
+        "chosen",
     )
 
     def __init__(self, server: ExtProcServer) -> None:
@@ -181,6 +199,7 @@ class Processor:
         self.protocol = "HTTP/1.1"
         self.resp_status = 0
         self.resp_headers: dict[str, str] = {}
+        self.chosen: Invocable | None = None
 
     # --- request path -------------------------------------------------------------------------------
 
@@ -212,6 +231,10 @@ class Processor:
         if not self.request_id:
             self.request_id = str(uuid.uuid4())
         if not route_name:
+            resign = next((v for k, v in headers if k == RESIGN_HEADER), None)
+            if resign is not None:
+                # The upstream ext_proc of a retrying cluster: one attempt, to be signed (again).
+                return self._resign(resign, headers)
             # The filter is enabled per route, so this means an Envoy configured by something else: refuse.
             return self._immediate(json_error(404, "Not Found", self.request_id))
         self.target = self.server.routes.get(route_name)
@@ -233,9 +256,56 @@ class Processor:
             return self._immediate(json_error(500, "Internal server error", self.request_id))
         return self._invoke(req.request_body.body, phase="body")
 
+    def _pick(self, t: RouteTarget) -> Invocable | pb.ProcessingResponse:
+        """The function this request invokes: the route's, a weighted choice, or the path parameter's."""
+        if t.function_param is not None:
+            assert self.target is not None
+            raw_path = self.path.partition("?")[0].split("#", 1)[0]
+            value = (path_parameters(self.target.route, raw_path) or {}).get(t.function_param, "")
+            found = None
+            if PARAM_NAME_RE.fullmatch(value) and t.param_functions is not None:
+                found = t.param_functions.get(value)
+            if found is None:
+                # Only the Upstream's own names are looked up: a request cannot reach another function or account.
+                shown = value if PARAM_NAME_RE.fullmatch(value) else "(invalid name)"
+                return self._immediate(
+                    json_error(
+                        404,
+                        "No such function",
+                        self.request_id,
+                        log_reason="function from path parameter not found",
+                        log_detail=f"route {t.route_name}: {t.function_param}={shown!r} is not a function of "
+                        f"Upstream {t.upstream}",
+                    )
+                )
+            return found
+        if t.choices:
+            return random.choices(t.choices, weights=[c.weight for c in t.choices])[0]
+        return Invocable(t.function, t.function_name, t.qualifier, t.invoke_path)
+
+    def _credentials(self, t: RouteTarget) -> ReadOnlyCredentials | pb.ProcessingResponse:
+        assert self.target is not None
+        try:
+            if self.target.role is not None:
+                return self.target.role.current()
+            return self.target.credentials or self.server.default_chain.current()
+        except CredentialsUnavailable as err:
+            log.error("request %s: route %s: no AWS credentials: %s", self.request_id, t.route_name, err)
+            return self._immediate(
+                json_error(502, "The gateway has no AWS credentials for this function", self.request_id)
+            )
+
     def _invoke(self, body: bytes, phase: str) -> pb.ProcessingResponse:
         assert self.target is not None
         t = self.target.target
+        chosen = self._pick(t)
+        if isinstance(chosen, pb.ProcessingResponse):
+            return chosen
+        self.chosen = chosen
+        trace = _trace_id(self.headers)
+        if not any(k == TRACE_HEADER for k, _ in self.headers):
+            # API Gateway adds the trace header to every event; functions and X-Ray SDKs read it there.
+            self.headers.append((TRACE_HEADER, trace))
         http = HttpRequest(
             self.method,
             self.path,
@@ -246,8 +316,22 @@ class Processor:
             self.request_id,
             self.authority,
         )
-        build = build_v2_event if t.payload_format == "apigateway-v2" else build_v1_event
-        payload = json.dumps(build(http, self.target.route), separators=(",", ":")).encode()
+        if t.payload_format == "raw":
+            try:
+                payload = raw_payload(http, self.target.route)
+            except NotJson as err:
+                return self._immediate(
+                    json_error(
+                        400,
+                        "The request body must be JSON",
+                        self.request_id,
+                        log_reason="raw payload refused",
+                        log_detail=str(err),
+                    )
+                )
+        else:
+            build = build_v2_event if t.payload_format == "apigateway-v2" else build_v1_event
+            payload = json.dumps(build(http, self.target.route), separators=(",", ":")).encode()
         limit = MAX_ASYNC_PAYLOAD if t.invocation_type == "Event" else MAX_SYNC_PAYLOAD
         if len(payload) > limit:
             # Refused here, before anything is invoked: Lambda would refuse it anyway, after the upload.
@@ -260,37 +344,41 @@ class Processor:
                     log_detail=f"event of {len(payload)} bytes, over Lambda's {limit} for {t.invocation_type}",
                 )
             )
-        try:
-            if self.target.role is not None:
-                creds = self.target.role.current()
-            else:
-                creds = self.target.credentials or self.server.default_chain.current()
-        except CredentialsUnavailable as err:
-            log.error("request %s: route %s: no AWS credentials: %s", self.request_id, t.route_name, err)
-            return self._immediate(
-                json_error(502, "The gateway has no AWS credentials for this function", self.request_id)
-            )
+        creds = self._credentials(t)
+        if isinstance(creds, pb.ProcessingResponse):
+            return creds
+        invoke_headers = _invoke_headers(t)
+        payload_hash = hashlib.sha256(payload).hexdigest() if t.max_retries else None
         signed = sign_invoke(
             creds,
             t.region,
             self.target.scheme,
             t.authority,
-            t.invoke_path,
+            chosen.invoke_path,
             payload,
-            INVOKE_HEADERS[t.invocation_type],
+            invoke_headers,
+            payload_hash,
         )
+        extra = [_header(TRACE_HEADER, trace)]
+        traceparent = next((v for k, v in self.headers if k == "traceparent"), None)
+        if traceparent is not None and TRACEPARENT_RE.fullmatch(traceparent.strip().lower()):
+            extra.append(_header("traceparent", traceparent.strip().lower()))
+        if t.max_retries:
+            extra.append(_header(RESIGN_HEADER, t.route_name))
+        kept = {TRACE_HEADER, "traceparent", RESIGN_HEADER, "content-length", *signed}
         mutation = pb.HeaderMutation(
             set_headers=[
                 _header(":method", "POST"),
-                _header(":path", t.invoke_path),
+                _header(":path", chosen.invoke_path),
                 _header(":authority", t.authority),
                 # Honoured in the body phase (BUFFERED with headers SENT); for a request that had no body,
                 # Envoy drops it and sends the event chunked.
                 _header("content-length", str(len(payload))),
                 *(_header(k, v) for k, v in signed.items()),
+                *extra,
             ],
             # Client headers and cookies travel inside the event, never to the Invoke API.
-            remove_headers=sorted({k for k, _ in self.headers if k not in signed and k != "content-length"}),
+            remove_headers=sorted({k for k, _ in self.headers if k not in kept}),
         )
         common = pb.CommonResponse(header_mutation=mutation, body_mutation=pb.BodyMutation(body=payload))
         if phase == "headers":
@@ -298,6 +386,44 @@ class Processor:
             common.status = pb.CommonResponse.CONTINUE_AND_REPLACE
             return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _resign(self, route_name: str, headers: list[tuple[str, str]]) -> pb.ProcessingResponse:
+        """Sign one attempt of a retried Invoke again, with fresh credentials and a fresh date.
+
+        The body is not here (headers-only stream): it is signed through the X-Amz-Content-SHA256 header that
+        the first signature already covered, so a changed body could not pass.
+        """
+        self.target = self.server.routes.get(route_name)
+        values = dict(headers)
+        payload_hash = values.get("x-amz-content-sha256", "")
+        if self.target is None or not re.fullmatch(r"[0-9a-f]{64}", payload_hash):
+            log.error(
+                "re-signing: route %r is unknown or the attempt has no payload hash; refusing", route_name
+            )
+            return self._immediate(json_error(502, "Bad gateway", self.request_id))
+        t = self.target.target
+        creds = self._credentials(t)
+        if isinstance(creds, pb.ProcessingResponse):
+            return creds
+        signed = sign_invoke(
+            creds,
+            t.region,
+            self.target.scheme,
+            t.authority,
+            self.path,
+            b"",
+            _invoke_headers(t),
+            payload_hash,
+        )
+        log.debug("route %s: attempt signed at %s", t.route_name, signed.get("x-amz-date", "?"))
+        mutation = pb.HeaderMutation(
+            set_headers=[_header(k, v) for k, v in signed.items()],
+            # The route header stays: a retry reuses these headers, and its own stream must find the route.
+            remove_headers=[] if "x-amz-security-token" in signed else ["x-amz-security-token"],
+        )
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=pb.CommonResponse(header_mutation=mutation))
+        )
 
     # --- response path ------------------------------------------------------------------------------
 
@@ -325,12 +451,17 @@ class Processor:
     def _answer(self, payload: bytes) -> HttpResponse:
         status, headers, rid = self.resp_status, self.resp_headers, self.request_id
         t = self.target.target if self.target else None
-        where = f"route {t.route_name} function {t.function_name}" if t else "no route"
+        fn = self.chosen.function_name if self.chosen else (t.function_name if t else "")
+        where = f"route {t.route_name} function {fn}" if t else "no route"
         lambda_rid = headers.get("x-amzn-requestid", "")
+        if t is not None and t.log_tail and "x-amz-log-result" in headers:
+            _log_tail(rid, where, lambda_rid, headers["x-amz-log-result"])
         if status == 200 and lambda_rid:
             fn_error = headers.get("x-amz-function-error")
             if fn_error:
                 out = function_error(payload, fn_error, rid)
+            elif t is not None and t.payload_format == "raw":
+                out = raw_response(payload)
             else:
                 try:
                     if t is not None and t.payload_format == "apigateway-v2":
@@ -345,6 +476,7 @@ class Processor:
                         log_reason="malformed Lambda proxy response",
                         log_detail=str(err),
                     )
+                    out.kind = "malformed_response"
         elif status in (202, 204) and lambda_rid:
             out = HttpResponse(status)
         elif lambda_rid or "x-amzn-errortype" in headers:
@@ -353,6 +485,13 @@ class Processor:
             )
         else:
             out = gateway_error(status, rid, payload[:200].decode("utf-8", "replace"))
+        if out.kind is not None and t is not None and t.errors:
+            # The route's error mapping (options.errors): only the status changes, the body stays the same.
+            mapped = dict(t.errors).get(out.kind, ERROR_KINDS[out.kind])
+            if mapped != out.status:
+                out.status = mapped
+                if mapped != 429:
+                    out.headers = [(k, v) for k, v in out.headers if k != "retry-after"]
         if out.log_reason:
             log.error(
                 "request %s: %s: %s: %s (lambda request %s)",
@@ -396,6 +535,43 @@ class Processor:
                 details="lambdagate",
             )
         )
+
+
+def _invoke_headers(t: RouteTarget) -> dict[str, str]:
+    headers = INVOKE_HEADERS[t.invocation_type]
+    if t.log_tail and t.invocation_type == "RequestResponse":
+        headers = {**headers, "x-amz-log-type": "Tail"}
+    return headers
+
+
+def _trace_id(headers: list[tuple[str, str]]) -> str:
+    """The request's X-Amzn-Trace-Id: the client's, else one made from its W3C traceparent, else a new one."""
+    for key, value in headers:
+        if key == TRACE_HEADER and AMZN_TRACE_RE.fullmatch(value.strip()):
+            return value.strip()
+    for key, value in headers:
+        if key == "traceparent":
+            m = TRACEPARENT_RE.fullmatch(value.strip().lower())
+            if m is not None:
+                trace, parent, flags = m.groups()
+                # X-Ray's trace id is the W3C one split after its first 8 hex digits (the epoch seconds).
+                sampled = int(flags, 16) & 1
+                return f"Root=1-{trace[:8]}-{trace[8:]};Parent={parent};Sampled={sampled}"
+    return f"Root=1-{int(time.time()):08x}-{os.urandom(12).hex()}"
+
+
+def _log_tail(request_id: str, where: str, lambda_rid: str, encoded: str) -> None:
+    """The function's last 4 KB of log (X-Amz-Log-Result), line by line into the gateway's log only."""
+    try:
+        text = base64.b64decode(encoded, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        log.warning("request %s: %s: undecodable log tail (lambda request %s)", request_id, where, lambda_rid)
+        return
+    for line in text.splitlines():
+        if line.strip():
+            log.info(
+                "request %s: %s: log (lambda request %s): %s", request_id, where, lambda_rid or "-", line
+            )
 
 
 class ExtProcServer(pb_grpc.ExternalProcessorServicer):

@@ -77,6 +77,8 @@ class FunctionSpec:
     version_descriptions: Mapping[str, str] = field(default_factory=dict)
     alias_descriptions: Mapping[str, str] = field(default_factory=dict)
     builtin: Handler | None = field(default=None, compare=False)
+    # Lambda's reserved concurrency: invocations beyond it in flight are throttled (429); None: unlimited.
+    reserved_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -474,7 +476,16 @@ class FunctionRegistry:
 def _parse_spec(entry: object) -> FunctionSpec:
     if not isinstance(entry, dict):
         raise TypeError("entry must be a mapping")
-    unknown = set(entry) - {"name", "handler", "timeout", "versions", "aliases", "description", "tags"}
+    unknown = set(entry) - {
+        "name",
+        "handler",
+        "timeout",
+        "versions",
+        "aliases",
+        "description",
+        "tags",
+        "reserved_concurrency",
+    }
     if unknown:
         raise ValueError(f"unknown keys {sorted(map(str, unknown))}")
     name = entry.get("name")
@@ -489,6 +500,9 @@ def _parse_spec(entry: object) -> FunctionSpec:
         raise ValueError(f"{name}: timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     description = _description(entry.get("description"), f"{name}: description")
     tags = _tags(entry.get("tags"), name)
+    reserved = entry.get("reserved_concurrency")
+    if reserved is not None and (isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0):
+        raise ValueError(f"{name}: reserved_concurrency must be a whole number >= 0")
 
     versions: dict[str, str] = {}
     version_descriptions: dict[str, str] = {}
@@ -533,6 +547,7 @@ def _parse_spec(entry: object) -> FunctionSpec:
         explicit=True,
         description=description,
         tags=tags,
+        reserved_concurrency=reserved,
         version_descriptions=version_descriptions,
         alias_descriptions=alias_descriptions,
     )

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import math
+import os
 import queue
 import re
 import sys
@@ -377,6 +378,8 @@ class LocalLambda:
         self._pool: _WorkerPool | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Invocations in flight per function, for reserved concurrency.
+        self._in_flight: dict[str, int] = {}
         self._sys_path_entry: str | None = None
         self._stream_id = uuid.uuid4().hex
 
@@ -744,6 +747,23 @@ class LocalLambda:
 
         if invocation_type == "DryRun":
             return _Response(204)
+        reserved = target.spec.reserved_concurrency
+        running = self._in_flight.get(target.spec.name, 0)
+        if reserved is not None and running >= reserved and invocation_type == "RequestResponse":
+            # What Lambda answers when the function's reserved concurrency is used up.
+            throttled = _Response(
+                429,
+                json.dumps(
+                    {
+                        "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded",
+                        "Type": "User",
+                        "message": "Rate Exceeded.",
+                        "retryAfterSeconds": 1,
+                    }
+                ).encode(),
+                [("x-amzn-ErrorType", "TooManyRequestsException"), ("Retry-After", "1")],
+            )
+            return throttled
         if invocation_type == "Event":
             task = asyncio.get_running_loop().create_task(
                 self._invoke_async(target, handler, event, request_id, qualifier)
@@ -752,7 +772,19 @@ class LocalLambda:
             task.add_done_callback(self._background.discard)
             return _Response(202)
 
-        outcome = await self._invoke(target, handler, event, request_id, qualifier, log_type == "Tail")
+        self._in_flight[target.spec.name] = running + 1
+        try:
+            outcome = await self._invoke(
+                target,
+                handler,
+                event,
+                request_id,
+                qualifier,
+                log_type == "Tail",
+                headers.get("x-amzn-trace-id"),
+            )
+        finally:
+            self._in_flight[target.spec.name] -= 1
         response = _Response(200, outcome.payload, [("X-Amz-Executed-Version", target.version)])
         if outcome.function_error is not None:
             response.headers.append(("X-Amz-Function-Error", outcome.function_error))
@@ -815,6 +847,7 @@ class LocalLambda:
         request_id: str,
         qualifier: str | None,
         tail: bool,
+        trace: str | None = None,
     ) -> _Outcome:
         loop = asyncio.get_running_loop()
         timeout = target.spec.timeout
@@ -836,7 +869,7 @@ class LocalLambda:
         def run() -> None:
             if job.abandoned:
                 return  # timed out while still queued behind busy workers
-            _post(loop, future, _run_handler(handler, event, context, capture))
+            _post(loop, future, _run_handler(handler, event, context, capture, trace))
 
         job.fn = run
         assert self._pool is not None
@@ -873,9 +906,17 @@ class LocalLambda:
 
 
 def _run_handler(
-    handler: Handler | HandlerLoadError, event: Any, context: LambdaContext, capture: list[str] | None
+    handler: Handler | HandlerLoadError,
+    event: Any,
+    context: LambdaContext,
+    capture: list[str] | None,
+    trace: str | None = None,
 ) -> _Outcome:
     """Call the handler in the current (worker) thread and turn whatever happens into an Outcome."""
+    if trace:
+        # Lambda's Python runtime hands the Invoke call's X-Amzn-Trace-Id to the handler in this variable. One
+        # process serves many invocations here, so under concurrency the last writer wins (best effort).
+        os.environ["_X_AMZN_TRACE_ID"] = trace
     _tls.capture = capture
     _tls.request_id = context.aws_request_id
     started = time.perf_counter()

@@ -331,14 +331,27 @@ def test_only_the_signed_invoke_request_reaches_lambda(tmp_path: Path, loop_thre
     (path, headers, body), (_, get_headers, get_body) = _Recorder.seen
     assert path == "/2015-03-31/functions/echo/invocations"
     names = {k.lower() for k, _ in headers}
-    # Only what the Invoke API needs, framed with Content-Length; nothing of the client's.
-    assert names == {"host", "content-type", "x-amz-date", "authorization", "content-length"}, names
+    # Only what the Invoke API needs, framed with Content-Length, and the trace id Lambda and X-Ray read
+    # (a new one here: the client sent none); nothing of the client's.
+    assert names == {
+        "host",
+        "content-type",
+        "x-amz-date",
+        "authorization",
+        "content-length",
+        "x-amzn-trace-id",
+    }, names
     assert dict((k.lower(), v) for k, v in headers)["content-length"] == str(len(body))
     # A request that had no body gets the event chunked: Envoy drops Content-Length from a headers-phase body.
     get_names = {k.lower() for k, _ in get_headers}
-    assert get_names == {"host", "content-type", "x-amz-date", "authorization", "transfer-encoding"}, (
-        get_names
-    )
+    assert get_names == {
+        "host",
+        "content-type",
+        "x-amz-date",
+        "authorization",
+        "transfer-encoding",
+        "x-amzn-trace-id",
+    }, get_names
     assert json.loads(get_body)["httpMethod"] == "GET"
     assert dict((k.lower(), v) for k, v in headers)["authorization"].startswith(
         "AWS4-HMAC-SHA256 Credential=AKIDLOCAL/"

@@ -319,8 +319,13 @@ def test_throttling_stays_429_with_retry_after():
     assert resp.status == 429
     assert ("retry-after", "2") in resp.headers
     assert json.loads(resp.body)["message"] == "Too Many Requests"
+    # Without Lambda's hint a throttled client is still told when to come back: after a second.
     resp = api_error(429, "TooManyRequestsException")
-    assert resp.status == 429 and not values(resp, "retry-after")
+    assert resp.status == 429 and values(resp, "retry-after") == ["1"] and resp.kind == "throttled"
+    # Lambda's body hint (retryAfterSeconds) is used when there is no header; rounded up, at least 1.
+    hinted = invoke_api_error(429, "TooManyRequestsException", b'{"retryAfterSeconds": 2.5}', "r", None)
+    assert values(hinted, "retry-after") == ["3"]
+    assert values(invoke_api_error(429, "", b"{}", "r", "garbage"), "retry-after") == ["1"]
     assert api_error(502, "EC2ThrottledException").status == 429
     # A bare 429 (no error type, e.g. from a proxy in front of Lambda) is throttling too.
     resp = invoke_api_error(429, "", b"Too Many Requests", "r", "7")
