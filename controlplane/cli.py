@@ -1,4 +1,4 @@
-"""The `lambdagate` command: up, serve, bootstrap, local-lambda.
+"""The `lambdagate` command: up, serve, discover, bootstrap, local-lambda, import-openapi.
 
 Settings are built here from flags and handed down; nothing is configured at import time.
 """
@@ -358,6 +358,35 @@ async def _local_lambda(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- import-openapi ---------------------------------------------------------------------------------
+
+
+def _stage_variable(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def _import_openapi(args: argparse.Namespace) -> int:
+    from controlplane.openapi.importer import ImportOptions, run
+
+    options = ImportOptions(
+        name=args.name,
+        upstream=args.upstream,
+        namespace=args.namespace,
+        region=args.region,
+        endpoint=args.endpoint,
+        secret_ref=args.secret_ref,
+        base_path=args.base_path,
+        domains=tuple(args.domain or ()),
+        stage_variables=tuple(args.stage_variable or ()),
+        skip_unnamed=args.skip_unnamed,
+        skip_unsupported=args.skip_unsupported,
+    )
+    return run(args.spec, args.output, options)
+
+
 # --- entry point ------------------------------------------------------------------------------------
 
 
@@ -487,6 +516,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="or LAMBDAGATE_LOCAL_SECRET_KEY, which keeps it out of the process list",
     )
     ll.add_argument("--config-dir", default=None, help="also accept the keys of the Secrets in this folder")
+
+    imp = sub.add_parser(
+        "import-openapi",
+        help="write an Upstream and a VirtualService for an OpenAPI 3.x or Swagger 2.0 document",
+    )
+    imp.add_argument("spec", metavar="SPEC", help="the OpenAPI document, YAML or JSON (- for standard input)")
+    imp.add_argument("-o", "--output", default=None, help="file to write (default: standard output)")
+    imp.add_argument("--name", default=None, help="the VirtualService's name (default: from info.title)")
+    imp.add_argument("--upstream", default=None, help="the Upstream's name (default: NAME-lambdas)")
+    imp.add_argument("--namespace", default=None, help="metadata.namespace of both (default: none written)")
+    imp.add_argument("--region", default=None, help="AWS region (default: the one in the functions' ARNs)")
+    imp.add_argument(
+        "--endpoint", default=None, help="the Upstream's endpoint: `local` or scheme://host[:port]"
+    )
+    imp.add_argument("--secret-ref", default=None, help="the Secret with the AWS keys (default: none)")
+    imp.add_argument(
+        "--base-path",
+        default=None,
+        help="prefix for every path (default: Swagger's basePath or the path of OpenAPI's servers[0].url; "
+        "'/' for none)",
+    )
+    imp.add_argument("--domain", action="append", help="a host name the VirtualService answers (repeatable)")
+    imp.add_argument(
+        "--stage-variable",
+        action="append",
+        type=_stage_variable,
+        metavar="NAME=VALUE",
+        help="resolves ${stageVariables.NAME} in integration URIs; also the VirtualService's stage variable",
+    )
+    imp.add_argument(
+        "--skip-unnamed", action="store_true", help="skip operations that name no function, with a warning"
+    )
+    imp.add_argument(
+        "--skip-unsupported",
+        action="store_true",
+        help="skip operations whose integration is not Lambda proxy (http, non-proxy aws...), with a warning",
+    )
     return p
 
 
@@ -501,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap_yaml(xds_host=host, xds_port=port, node_id=args.node_id, admin_port=args.admin_port)
         )
         return 0
+    if args.command == "import-openapi":
+        return _import_openapi(args)
     runner = {"serve": _serve, "up": _up, "discover": _discover, "local-lambda": _local_lambda}[args.command]
     # Plain asyncio: grpc.aio does not support uvloop, and measured here uvloop bought nothing.
     return asyncio.run(runner(args))
