@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from harness import Envoy, LoopThread, control_plane, free_port, http, wait_until
 from k8s.cluster import KubeCluster
 from k8s.fixtures import install_deploy, kube_cluster  # noqa: F401 (a fixture)
@@ -249,3 +250,217 @@ def test_route_options_and_stage_variables_survive_the_apiserver(installed: Kube
         assert refused.returncode != 0 and "invocation_type" in refused.stderr
     finally:
         installed.kubectl("delete", "-f", "-", "--ignore-not-found", input=doc, check=False)
+
+
+# Issue 5's forms: weighted, function_name and function_param destinations, mock routes, every option, keep_warm.
+FORMS = textwrap.dedent(f"""
+    apiVersion: lambdagate.io/v1
+    kind: Upstream
+    metadata: {{name: warm, namespace: {NS}}}
+    spec:
+      region: us-east-1
+      secret_ref: aws
+      endpoint: local
+      options:
+        payload_format: raw
+        max_retries: 1
+        errors: {{throttled: 503}}
+        rate_limit: {{requests: 50}}
+      functions:
+      - name: hello
+        spec: {{function_name: hello}}
+        keep_warm: {{interval: 5m, concurrency: 2}}
+      - name: bye
+        spec: {{function_name: bye}}
+        keep_warm: {{interval: 600}}
+    ---
+    apiVersion: lambdagate.io/v1
+    kind: VirtualService
+    metadata: {{name: forms, namespace: {NS}}}
+    spec:
+      domains: [forms.test]
+      routes:
+      - matcher: {{prefix: /canary}}
+        destination:
+          upstream: warm
+          functions:
+          - {{function: hello, weight: 90}}
+          - {{function_name: "bye:$LATEST", weight: 10}}
+      - matcher: {{path: "/fn/{{name}}"}}
+        destination: {{upstream: warm, function_param: name}}
+      - matcher: {{prefix: /arn}}
+        destination: {{upstream: warm, function_name: "123456789012:function:hello"}}
+      - matcher: {{path: /health, methods: [GET]}}
+        mock:
+          headers: {{x-mock: "yes"}}
+          body: {{ok: true, checks: [db, cache], detail: {{db: 1.5}}}}
+      - matcher: {{path: /teapot}}
+        mock: {{status: 418, body: short and stout}}
+      - matcher: {{prefix: /api}}
+        destination: {{upstream: warm, function: hello}}
+        options:
+          payload_format: apigateway-v2
+          timeout: 10s
+          max_retries: 2
+          log_tail: true
+          errors: {{function_error: 500, function_timeout: 504, throttled: 503, malformed_response: 502}}
+          rate_limit: {{requests: 100, per: 1m, burst: 200}}
+          cors:
+            allow_origins: ["https://app.example.com", "http://localhost:3000"]
+            allow_methods: [GET, POST]
+            allow_headers: [content-type, x-api-key]
+            expose_headers: [x-request-id]
+            max_age: 600
+            allow_credentials: true
+""")
+
+
+def _forms_docs() -> tuple[dict[str, Any], dict[str, Any]]:
+    up, vs = yaml.safe_load_all(FORMS)
+    return up, vs
+
+
+def test_issue_5_forms_survive_the_apiserver_and_are_accepted(stack: Stack) -> None:
+    """Nothing the parser takes is pruned on the way through a structural schema, and the control plane,
+    reading them back through its watches, accepts them."""
+    cluster = stack.cluster
+    try:
+        cluster.kubectl("apply", "-f", "-", input=FORMS)
+        up_sent, vs_sent = _forms_docs()
+        up, vs = get(cluster, "upstream", "warm"), get(cluster, "virtualservice", "forms")
+        # Read back unpruned: what was sent, plus the schema's defaults.
+        up_sent["spec"]["type"] = "aws"
+        up_sent["spec"]["functions"][1]["keep_warm"]["concurrency"] = 1
+        vs_sent["spec"]["routes"][3]["mock"]["status"] = 200
+        assert up["spec"] == up_sent["spec"]
+        assert vs["spec"] == vs_sent["spec"]
+
+        def states() -> tuple[Any, ...]:
+            up, vs = get(cluster, "upstream", "warm"), get(cluster, "virtualservice", "forms")
+            return tuple(
+                ((o.get("status") or {}).get("state"), (o.get("status") or {}).get("reason"))
+                for o in (up, vs)
+            )
+
+        wait_until(
+            lambda: states() == (("Accepted", None), ("Accepted", None)),
+            30,
+            what="the Upstream and VirtualService to be Accepted",
+        )
+        for obj in (get(cluster, "upstream", "warm"), get(cluster, "virtualservice", "forms")):
+            assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+            conditions = {c["type"]: c["status"] for c in obj["status"]["conditions"]}
+            assert conditions["Accepted"] == conditions["Serving"] == "True"
+    finally:
+        cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=FORMS, check=False)
+
+
+def _edit_up(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    up, _ = _forms_docs()
+    edit(up["spec"])
+    return up
+
+
+def _edit_vs(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    _, vs = _forms_docs()
+    edit(vs["spec"])
+    return vs
+
+
+REFUSED = [
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][3].update(destination={"upstream": "warm", "function": "hello"})),
+        ("spec.routes", "one and only one", "Found 2 valid"),
+        id="destination and mock",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][1].pop("destination")),
+        ("spec.routes", "Found none valid", "destination: Required"),
+        id="neither",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][2]["destination"].update(function="hello")),
+        ("spec.routes.destination", "Found 2 valid"),
+        id="function and function_name",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][0]["destination"]["functions"][0].update(weight=-1)),
+        "weight",
+        id="negative weight",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][0]["destination"]["functions"][1].pop("function_name")),
+        ("spec.routes.destination.functions", "Found none valid"),
+        id="choice without a function",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][2]["destination"].update(function_name="no spaces")),
+        "function_name",
+        id="bad function_name",
+    ),
+    pytest.param(_edit_vs(lambda s: s["routes"][4]["mock"].update(status=199)), "mock.status", id="mock 199"),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][3]["mock"]["headers"].update({"x-a": "a\nb"})),
+        "mock.headers",
+        id="header with a line break",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"].update(timeout=901)), "options.timeout", id="timeout 901"
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"].update(timeout="10 s")),
+        "options.timeout",
+        id="timeout text",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"].update(max_retries=6)), "max_retries", id="max_retries 6"
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"]["errors"].update(throttled=600)),
+        "errors.throttled",
+        id="error status 600",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"]["rate_limit"].pop("requests")),
+        ("rate_limit", 'missing required field "requests"'),
+        id="rate_limit without requests",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"]["cors"].update(allow_origins=[])),
+        "cors.allow_origins",
+        id="no origins",
+    ),
+    pytest.param(
+        _edit_vs(lambda s: s["routes"][5]["options"]["cors"].update(max_age=0)),
+        "cors.max_age",
+        id="max_age 0",
+    ),
+    pytest.param(_edit_up(lambda s: s["options"].update(payload_format="RAW")), "payload_format", id="RAW"),
+    pytest.param(
+        _edit_up(lambda s: s["functions"][0]["keep_warm"].update(concurrency=51)),
+        "keep_warm.concurrency",
+        id="concurrency 51",
+    ),
+    pytest.param(
+        _edit_up(lambda s: s["functions"][1]["keep_warm"].pop("interval")),
+        ("keep_warm", 'missing required field "interval"'),
+        id="keep_warm without interval",
+    ),
+]
+
+
+@pytest.mark.parametrize(("doc", "said"), REFUSED)
+def test_issue_5_forms_are_refused_at_apply_time(
+    installed: KubeCluster, doc: dict[str, Any], said: str | tuple[str, ...]
+) -> None:
+    # The CRD's rules hold on the real apiserver as in tests/unit/test_deploy.py's validator. `said`: what the
+    # refusal names (the apiserver's oneOf messages name the list, not the item; kubectl's own validation
+    # catches missing required fields first).
+    name = f"refused-{doc['kind'].lower()}"
+    doc = {**doc, "metadata": {"name": name, "namespace": NS}}
+    out = installed.kubectl("create", "-f", "-", input=json.dumps(doc), check=False)
+    if out.returncode == 0:
+        installed.kubectl("delete", doc["kind"].lower(), name, "-n", NS, check=False)
+        pytest.fail(f"the apiserver took it: {out.stdout}")
+    for part in (said,) if isinstance(said, str) else said:
+        assert part in out.stderr, out.stderr

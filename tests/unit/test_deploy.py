@@ -28,7 +28,17 @@ from controlplane.bootstrap import bootstrap_yaml
 from controlplane.cli import build_parser
 from controlplane.model import ConfigError, parse_document
 from controlplane.model.discovered import FAILED, LISTED, TOO_LARGE, DiscoveryRecord, ListedFunction
-from controlplane.model.resources import HTTP_METHODS, DiscoverySettings, Upstream
+from controlplane.model.resources import (
+    ERROR_KINDS,
+    HTTP_METHODS,
+    INVOCATION_TYPES,
+    MAX_RETRIES,
+    MAX_TIMEOUT_S,
+    PAYLOAD_FORMATS,
+    DiscoverySettings,
+    Upstream,
+    VirtualService,
+)
 from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
 from discovery.service import LEASE_NAME as DISCOVERY_LEASE
 
@@ -134,9 +144,15 @@ def crd_errors(node: dict[str, Any], value: Any, path: str = "") -> list[str]:
     typ = node.get("type")
     if typ and not _has_type(value, typ):
         return [f"{path}: must be of type {typ}"]
+    if node.get("x-kubernetes-int-or-string") and not (_has_type(value, "integer") or isinstance(value, str)):
+        return [f"{path}: must be an integer or a string"]
     errs: list[str] = []
-    if "enum" in node and value not in node["enum"]:
+    if "enum" in node and not any(value == e and type(value) is type(e) for e in node["enum"]):
         errs.append(f"{path}: {value!r} not in {node['enum']}")
+    if _has_type(value, "number"):
+        # Number validations apply to numbers only (so to the number form of an int-or-string node).
+        if value < node.get("minimum", value) or value > node.get("maximum", value):
+            errs.append(f"{path}: {value} out of range")
     if isinstance(value, str):
         if "pattern" in node and not re2.search(node["pattern"], value):
             errs.append(f"{path}: {value!r} does not match {node['pattern']}")
@@ -948,6 +964,567 @@ def test_examples_are_valid_for_both(path: Path) -> None:
 def test_deploy_example_uses_real_aws() -> None:
     (up,) = [d for d in manifest("examples/petstore.yaml") if d["kind"] == "Upstream"]
     assert "endpoint" not in up["spec"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options, destination forms, mock routes and keep_warm (issue 5)
+
+
+def full_upstream() -> dict[str, Any]:
+    """An Upstream with every object the schema declares (the probes below check that it has)."""
+    return upstream_doc(
+        role_arn="arn:aws:iam::123456789012:role/lambdagate",
+        endpoint="local",
+        discovery={"enabled": True, "name_prefix": "shop-", "tags": {"team": "shop"}},
+        functions=[
+            {
+                "name": "list-pets",
+                "spec": {"function_name": "PetsGet", "qualifier": "live"},
+                "keep_warm": {"interval": "5m", "concurrency": 2},
+            }
+        ],
+        options=FULL_OPTIONS,
+    )
+
+
+FULL_OPTIONS: dict[str, Any] = {
+    "payload_format": "raw",
+    "invocation_type": "RequestResponse",
+    "timeout": "10s",
+    "max_retries": 2,
+    "errors": {"function_error": 500, "function_timeout": 504, "throttled": 503, "malformed_response": 502},
+    "log_tail": True,
+    "rate_limit": {"requests": 10, "per": "1s", "burst": 20},
+    "cors": {
+        "allow_origins": ["https://app.example.com"],
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": ["content-type"],
+        "expose_headers": ["x-request-id"],
+        "max_age": "10m",
+        "allow_credentials": True,
+    },
+}
+
+
+def full_vs() -> dict[str, Any]:
+    """A VirtualService with every destination form, a mock route and full options."""
+    routes = [
+        {
+            "matcher": {"path": "/pets/{id}", "methods": ["GET"]},
+            "destination": {"upstream": {"name": "lambdas", "namespace": "team-a"}, "function": "list-pets"},
+            "options": FULL_OPTIONS,
+        },
+        {
+            "matcher": {"prefix": "/arn"},
+            "destination": {
+                "upstream": "lambdas",
+                "function_name": "arn:aws:lambda:us-east-1:123456789012:function:PetsGet:live",
+            },
+        },
+        {
+            "matcher": {"path": "/fn/{name}/{rest+}"},
+            "destination": {"upstream": "lambdas", "function_param": "name"},
+        },
+        {
+            "matcher": {"regex": "^/canary/.*"},
+            "destination": {
+                "upstream": "lambdas",
+                "functions": [
+                    {"function": "list-pets", "weight": 90},
+                    {"function_name": "PetsGet:next", "weight": 10},
+                ],
+            },
+        },
+        {
+            "matcher": {"path": "/health"},
+            "mock": {"status": 200, "headers": {"x-mock": "yes"}, "body": "ok"},
+            "options": {"cors": {"allow_origins": ["*"]}},
+        },
+    ]
+    return vs_doc(routes=routes, stage="prod", stage_variables={"env": "prod"})
+
+
+def _object_nodes(node: dict[str, Any], path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Schema paths (`[]` for items) of every object node that declares properties."""
+    out = {path} if "properties" in node else set()
+    for key, sub in node.get("properties", {}).items():
+        out |= _object_nodes(sub, (*path, key))
+    if "items" in node:
+        out |= _object_nodes(node["items"], (*path, "[]"))
+    return out
+
+
+def _objects_in(
+    value: Any, node: dict[str, Any], spath: tuple[str, ...] = (), vpath: tuple[Any, ...] = ()
+) -> list[tuple[tuple[str, ...], tuple[Any, ...]]]:
+    """(schema path, value path) of every mapping in `value` whose schema node declares properties."""
+    out = []
+    if isinstance(value, dict) and "properties" in node:
+        out.append((spath, vpath))
+        for key, sub in value.items():
+            if key in node["properties"]:
+                out += _objects_in(sub, node["properties"][key], (*spath, key), (*vpath, key))
+    elif isinstance(value, list) and "items" in node:
+        for i, item in enumerate(value):
+            out += _objects_in(item, node["items"], (*spath, "[]"), (*vpath, i))
+    return out
+
+
+# "unknown field 'x'; valid fields are a, b" and "unknown error kind; expected one of a, b" (options.errors).
+VALID_FIELDS_RE = re.compile(r"(?:valid fields are|expected one of) (.+)$")
+
+
+@pytest.mark.parametrize(("plural", "make"), [("upstreams", full_upstream), ("virtualservices", full_vs)])
+def test_the_crd_declares_every_field_the_parser_accepts(plural: str, make: Any) -> None:
+    # For each object of a document that uses them all, an unknown key makes the parser list the fields it
+    # accepts there: they must be exactly the schema's properties. (A field the parser accepts but the schema
+    # lacks would be pruned by the apiserver without a word.)
+    doc = make()
+    assert python_accepts(doc) and crd_accepts(doc)
+    spec_node = schema(plural)["properties"]["spec"]
+    found = _objects_in(doc["spec"], spec_node)
+    # The document reaches every object of the schema, so a new one cannot go unchecked.
+    assert {spath for spath, _ in found} == _object_nodes(spec_node)
+    for spath, vpath in found:
+        probe = copy.deepcopy(doc)
+        target = probe["spec"]
+        for part in vpath:
+            target = target[part]
+        target["zz_unknown"] = 1
+        with pytest.raises(ConfigError) as caught:
+            parse_document(probe)
+        assert (caught.value.field or "").endswith("zz_unknown"), caught.value
+        m = VALID_FIELDS_RE.search(caught.value.message)
+        assert m, caught.value
+        node = spec_node
+        for part in spath:
+            node = node["items"] if part == "[]" else node["properties"][part]
+        assert set(m.group(1).split(", ")) == set(node["properties"]), ".".join(spath)
+
+
+def _options_nodes() -> list[dict[str, Any]]:
+    up = schema("upstreams")["properties"]["spec"]["properties"]["options"]
+    route = schema("virtualservices")["properties"]["spec"]["properties"]["routes"]["items"]["properties"]
+    return [up, route["options"]]
+
+
+def test_upstream_and_route_options_are_the_same_schema() -> None:
+    up, route = _options_nodes()
+    assert up["properties"] == route["properties"]
+    # No defaults: an unset route option inherits the Upstream's, and an unset Upstream option lambdagate's.
+    assert not [node for node in _walk(up) if isinstance(node, dict) and "default" in node]
+
+
+def test_option_enums_and_limits_are_the_parsers() -> None:
+    (opts, _) = _options_nodes()
+    props = opts["properties"]
+    assert props["payload_format"]["enum"] == list(PAYLOAD_FORMATS)
+    assert props["invocation_type"]["enum"] == list(INVOCATION_TYPES)
+    assert props["max_retries"]["maximum"] == MAX_RETRIES
+    assert props["timeout"]["maximum"] == MAX_TIMEOUT_S
+    assert list(props["errors"]["properties"]) == list(ERROR_KINDS)
+    cors = props["cors"]["properties"]
+    assert cors["allow_methods"]["items"]["enum"] == ["*", *HTTP_METHODS]
+    durations = [props["timeout"], props["rate_limit"]["properties"]["per"], cors["max_age"]]
+    fn = schema("upstreams")["properties"]["spec"]["properties"]["functions"]["items"]["properties"]
+    durations.append(fn["keep_warm"]["properties"]["interval"])
+    assert len({d["pattern"] for d in durations}) == 1
+    for node in durations:
+        assert node.get("x-kubernetes-int-or-string") and "type" not in node
+        assert node["minimum"] == 1
+
+
+def test_function_name_has_one_pattern_everywhere() -> None:
+    up_fn = schema("upstreams")["properties"]["spec"]["properties"]["functions"]["items"]["properties"]
+    dest = schema("virtualservices")["properties"]["spec"]["properties"]["routes"]["items"]["properties"][
+        "destination"
+    ]["properties"]
+    nodes = [up_fn["spec"]["properties"]["function_name"], dest["function_name"]]
+    nodes.append(dest["functions"]["items"]["properties"]["function_name"])
+    assert len({(n["pattern"], n["maxLength"]) for n in nodes}) == 1
+
+
+def test_schema_defaults_of_mock_and_keep_warm_are_the_parsers() -> None:
+    doc = vs_doc(routes=[{"matcher": {"path": "/health"}, "mock": {}}])
+    vs = parse_document(doc)
+    assert isinstance(vs, VirtualService) and vs.routes[0].mock is not None
+    defaulted = apply_defaults(schema("virtualservices"), copy.deepcopy(doc))
+    assert defaulted["spec"]["routes"][0]["mock"]["status"] == vs.routes[0].mock.status == 200
+    doc = upstream_doc(
+        functions=[{"name": "f", "spec": {"function_name": "f"}, "keep_warm": {"interval": 60}}]
+    )
+    up = parse_document(doc)
+    assert isinstance(up, Upstream) and up.functions[0].keep_warm is not None
+    defaulted = apply_defaults(schema("upstreams"), copy.deepcopy(doc))
+    assert (
+        defaulted["spec"]["functions"][0]["keep_warm"]["concurrency"] == up.functions[0].keep_warm.concurrency
+    )
+
+
+# (value, the parser accepts it, the CRD accepts it). Where the two differ, the comment says why.
+YES, NO = (True, True), (False, False)
+# The CRD cannot check a text duration's range (no CEL); the control plane rejects it in status.
+TEXT_OUT_OF_RANGE = (False, True)
+# Refused at apply time, taken from a folder (each use says why).
+CRD_STRICTER_VALUE = (True, False)
+
+TIMEOUTS: list[tuple[Any, tuple[bool, bool]]] = [
+    ("10s", YES),
+    ("500ms", YES),
+    ("2m", YES),
+    ("1.5s", YES),
+    ("0.25h", YES),
+    ("15m", YES),
+    (1, YES),
+    (29, YES),
+    (900, YES),
+    (901, NO),
+    (0, NO),
+    (-1, NO),
+    ("-1s", NO),
+    ("10 s", NO),
+    ("10sec", NO),
+    ("1d", NO),
+    ("s", NO),
+    ("", NO),
+    (True, NO),
+    ([10], NO),
+    ("16m", TEXT_OUT_OF_RANGE),
+    ("0s", TEXT_OUT_OF_RANGE),
+    ("1h", TEXT_OUT_OF_RANGE),
+    # int-or-string takes no fractions, and the pattern no surrounding spaces; the folder's parser takes both.
+    (0.5, CRD_STRICTER_VALUE),
+    (" 10s", CRD_STRICTER_VALUE),
+    ("10s\n", CRD_STRICTER_VALUE),
+]
+PERIODS = [
+    ("1s", YES),
+    ("50ms", YES),
+    ("1m", YES),
+    ("1h", YES),
+    ("24h", YES),
+    (1, YES),
+    (86400, YES),
+    (86401, NO),
+    (0, NO),
+    ("1 s", NO),
+    ("49ms", TEXT_OUT_OF_RANGE),
+    ("25h", TEXT_OUT_OF_RANGE),
+    (0.5, CRD_STRICTER_VALUE),
+]
+MAX_AGES = [
+    ("10m", YES),
+    (600, YES),
+    ("24h", YES),
+    (0, NO),
+    (86401, NO),
+    ("forever", NO),
+    ("0s", TEXT_OUT_OF_RANGE),
+]
+INTERVALS = [
+    ("5m", YES),
+    ("1s", YES),
+    (1, YES),
+    ("24h", YES),
+    (86400, YES),
+    (0, NO),
+    (86401, NO),
+    ("hourly", NO),
+    ("500ms", TEXT_OUT_OF_RANGE),  # at least 1s
+    ("2d", NO),
+]
+
+
+def _table(rows: list[tuple[Any, tuple[bool, bool]]]) -> list[Any]:
+    return [pytest.param(value, want, id=repr(value)[:40]) for value, want in rows]
+
+
+def _expect(doc: dict[str, Any], want: tuple[bool, bool]) -> None:
+    assert (python_accepts(doc), crd_accepts(doc)) == want
+
+
+def options_doc(where: str, **options: Any) -> dict[str, Any]:
+    """A document with these options: an Upstream's spec.options or a route's options."""
+    if where == "upstream":
+        return upstream_doc(options=options)
+    doc = vs_doc()
+    doc["spec"]["routes"][0]["options"] = options
+    return doc
+
+
+WHERE = pytest.mark.parametrize("where", ["upstream", "route"])
+
+
+@WHERE
+@pytest.mark.parametrize(("value", "want"), _table(TIMEOUTS))
+def test_option_timeout(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, timeout=value), want)
+
+
+@WHERE
+@pytest.mark.parametrize(
+    ("value", "want"),
+    # The folder reads "" as absent, as it does other empty strings.
+    _table(
+        [(f, YES) for f in PAYLOAD_FORMATS] + [("RAW", NO), ("json", NO), (1, NO), ("", CRD_STRICTER_VALUE)]
+    ),
+)
+def test_option_payload_format(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, payload_format=value), want)
+
+
+@WHERE
+@pytest.mark.parametrize(
+    ("value", "want"),
+    _table(
+        [(n, YES) for n in range(MAX_RETRIES + 1)] + [(-1, NO), (6, NO), ("1", NO), (True, NO), (1.0, NO)]
+    ),
+)
+def test_option_max_retries(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, max_retries=value), want)
+
+
+@WHERE
+@pytest.mark.parametrize(
+    ("value", "want"),
+    _table(
+        [
+            ({}, YES),
+            ({"throttled": 503}, YES),
+            ({kind: 400 for kind in ERROR_KINDS}, YES),
+            ({"function_error": 599}, YES),
+            ({"function_error": 399}, NO),
+            ({"function_error": 600}, NO),
+            ({"function_timeout": "504"}, NO),
+            ({"throttled": True}, NO),
+            ("502", NO),
+            ([502], NO),
+            # An unknown kind: the apiserver prunes it (structural schema); the folder's parser refuses it.
+            ({"throttle": 503}, (False, True)),
+        ]
+    ),
+)
+def test_option_errors(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, errors=value), want)
+
+
+@WHERE
+@pytest.mark.parametrize(("value", "want"), _table([(True, YES), (False, YES), ("yes", NO), (1, NO)]))
+def test_option_log_tail(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, log_tail=value), want)
+
+
+RATE_LIMITS = [
+    ({"requests": 10}, YES),
+    ({"requests": 1}, YES),
+    ({"requests": 10, "per": "1m", "burst": 20}, YES),
+    ({"requests": 1_000_000, "burst": 10_000_000}, YES),
+    ({"requests": 10, "burst": 10}, YES),
+    ({}, NO),
+    ({"per": "1s"}, NO),
+    ({"requests": 0}, NO),
+    ({"requests": 1_000_001}, NO),
+    ({"requests": "10"}, NO),
+    ({"requests": 10, "burst": 0}, NO),
+    ({"requests": 10, "burst": 10_000_001}, NO),
+    ({"requests": 10, "burst": "20"}, NO),
+    ("10/s", NO),
+    # burst at least requests: two fields, so the control plane's.
+    ({"requests": 10, "burst": 5}, (False, True)),
+]
+
+
+@WHERE
+@pytest.mark.parametrize(("value", "want"), _table(RATE_LIMITS))
+def test_option_rate_limit(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, rate_limit=value), want)
+
+
+@WHERE
+@pytest.mark.parametrize(("value", "want"), _table(PERIODS))
+def test_option_rate_limit_period(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, rate_limit={"requests": 5, "per": value}), want)
+
+
+ORIGIN = "https://app.example.com"
+CORS = [
+    ({"allow_origins": ["*"]}, YES),
+    ({"allow_origins": [ORIGIN, "http://localhost:3000"]}, YES),
+    ({"allow_origins": [ORIGIN], "allow_credentials": True}, YES),
+    ({"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers": ["*"], "expose_headers": ["*"]}, YES),
+    ({"allow_origins": [ORIGIN], "allow_methods": list(HTTP_METHODS)}, YES),
+    (
+        {
+            "allow_origins": [ORIGIN],
+            "allow_headers": ["Content-Type", "x-api-key"],
+            "expose_headers": ["etag"],
+        },
+        YES,
+    ),
+    ({"allow_origins": [ORIGIN], "allow_headers": ["h" * 256]}, YES),
+    ({"allow_origins": [ORIGIN], "allow_credentials": False}, YES),
+    ({}, NO),
+    ({"allow_origins": []}, NO),
+    ({"allow_origins": "*"}, NO),
+    ({"allow_origins": [""]}, NO),
+    ({"allow_origins": ["app.example.com"]}, NO),
+    ({"allow_origins": [ORIGIN + "/"]}, NO),
+    ({"allow_origins": [ORIGIN + "/path"]}, NO),
+    ({"allow_origins": ["ftp://example.com"]}, NO),
+    ({"allow_origins": ["https://exa_mple.com"]}, NO),
+    ({"allow_origins": [ORIGIN + "\n"]}, NO),
+    ({"allow_origins": ["HTTPS://app.example.com"]}, NO),
+    ({"allow_origins": [ORIGIN], "allow_methods": ["FETCH"]}, NO),
+    ({"allow_origins": [ORIGIN], "allow_methods": "GET"}, NO),
+    ({"allow_origins": [ORIGIN], "allow_headers": ["bad header"]}, NO),
+    ({"allow_origins": [ORIGIN], "allow_headers": ["x:y"]}, NO),
+    ({"allow_origins": [ORIGIN], "allow_headers": [""]}, NO),
+    ({"allow_origins": [ORIGIN], "allow_headers": ["h" * 257]}, NO),
+    ({"allow_origins": [ORIGIN], "expose_headers": ["a b"]}, NO),
+    ({"allow_origins": [ORIGIN], "allow_credentials": "true"}, NO),
+    # The folder upper-cases methods; Kubernetes refuses lower case at apply time (as in matchers).
+    ({"allow_origins": [ORIGIN], "allow_methods": ["get"]}, CRD_STRICTER_VALUE),
+    # Credentials with the '*' origin: two fields, so the control plane's.
+    ({"allow_origins": ["*"], "allow_credentials": True}, (False, True)),
+]
+
+
+@WHERE
+@pytest.mark.parametrize(("value", "want"), _table(CORS))
+def test_option_cors(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, cors=value), want)
+
+
+@WHERE
+@pytest.mark.parametrize(("value", "want"), _table(MAX_AGES))
+def test_option_cors_max_age(where: str, value: Any, want: tuple[bool, bool]) -> None:
+    _expect(options_doc(where, cors={"allow_origins": ["*"], "max_age": value}), want)
+
+
+def route_doc(route: dict[str, Any]) -> dict[str, Any]:
+    return vs_doc(routes=[{"matcher": {"path": "/fn/{name}"}, **route}])
+
+
+def dest(**fields: Any) -> dict[str, Any]:
+    return {"destination": {"upstream": "lambdas", **fields}}
+
+
+ARN = "arn:aws:lambda:us-east-1:123456789012:function:PetsGet"
+DESTINATIONS = [
+    (dest(function="list-pets"), YES),
+    (dest(function_name="PetsGet"), YES),
+    (dest(function_name=ARN + ":live"), YES),
+    (dest(function_name="123456789012:function:PetsGet"), YES),
+    (dest(function_param="name"), YES),
+    (dest(functions=[{"function": "list-pets", "weight": 1}]), YES),
+    (dest(functions=[{"function": "a", "weight": 90}, {"function_name": ARN, "weight": 10}]), YES),
+    (dest(functions=[{"function": "a", "weight": 1_000_000}, {"function": "b", "weight": 0}]), YES),
+    (dest(), NO),
+    (dest(function=""), NO),
+    (dest(function=5), NO),
+    (dest(function="a", function_name="b"), NO),
+    (dest(function="a", functions=[{"function": "b", "weight": 1}]), NO),
+    (dest(function_param="name", function="a"), NO),
+    (dest(function_name=""), NO),
+    (dest(function_name="no spaces"), NO),
+    (dest(function_name="f" * 171), NO),
+    (dest(function_name="arn:aws:s3:::bucket"), NO),
+    (dest(function_param=""), NO),
+    (dest(functions=[]), NO),
+    (dest(functions={"function": "a", "weight": 1}), NO),
+    (dest(functions=[{"function": "a"}]), NO),
+    (dest(functions=[{"weight": 1}]), NO),
+    (dest(functions=[{"function": "a", "function_name": "b", "weight": 1}]), NO),
+    (dest(functions=[{"function": "a", "weight": -1}]), NO),
+    (dest(functions=[{"function": "a", "weight": 1_000_001}]), NO),
+    (dest(functions=[{"function": "a", "weight": "1"}]), NO),
+    (dest(functions=[{"function": "", "weight": 1}]), NO),
+    (dest(functions=[{"function_name": "no spaces", "weight": 1}]), NO),
+    ({"destination": {"function": "a"}}, NO),  # no upstream
+    # Needs the matcher beside it: the control plane's.
+    (dest(function_param="other"), (False, True)),
+    # At least one weight above 0: across items, so the control plane's.
+    (dest(functions=[{"function": "a", "weight": 0}]), (False, True)),
+]
+
+
+@pytest.mark.parametrize(("route", "want"), _table(DESTINATIONS))
+def test_destination_forms(route: dict[str, Any], want: tuple[bool, bool]) -> None:
+    _expect(route_doc(route), want)
+
+
+MOCKS = [
+    ({}, YES),
+    ({"status": 204}, YES),
+    ({"status": 200, "headers": {"content-type": "text/plain", "x-a": ""}, "body": "ok"}, YES),
+    ({"status": 599}, YES),
+    ({"body": {"ok": True, "items": [1, 2]}}, YES),
+    ({"body": [1, "two"]}, YES),
+    ({"body": ""}, YES),
+    ({"body": "x" * 65536}, YES),
+    ({"status": 199}, NO),
+    ({"status": 600}, NO),
+    ({"status": "200"}, NO),
+    ({"headers": ["x-a"]}, NO),
+    ({"headers": {"x-a": "a\r\nb"}}, NO),
+    ({"headers": {"x-a": "a\nb"}}, NO),
+    ({"headers": {"x-a": "a\0b"}}, NO),
+    ({"headers": {"x-a": True}}, NO),
+    ({"body": "x" * 65537}, NO),
+    ("ok", NO),
+    # The folder takes a number as the header's text, like a numeric tag value.
+    ({"headers": {"x-a": 1}}, CRD_STRICTER_VALUE),
+    # What the CRD cannot see: header names (1.20 schemas cannot constrain keys), the type of the untyped body
+    # (string or JSON) and its size in UTF-8 bytes rather than characters. The control plane rejects them.
+    ({"headers": {"bad name": "x"}}, (False, True)),
+    ({"body": 5}, (False, True)),
+    ({"body": True}, (False, True)),
+    ({"body": "\u00e9" * 40000}, (False, True)),
+]
+
+
+@pytest.mark.parametrize(("mock", "want"), _table(MOCKS))
+def test_mock_route(mock: Any, want: tuple[bool, bool]) -> None:
+    _expect(route_doc({"mock": mock}), want)
+
+
+@pytest.mark.parametrize(
+    ("route", "want"),
+    [
+        pytest.param(
+            {"mock": {"body": "ok"}, "options": {"cors": {"allow_origins": ["*"]}}}, YES, id="mock+options"
+        ),
+        pytest.param({**dest(function="a"), "mock": {}}, NO, id="destination and mock"),
+        pytest.param({}, NO, id="neither destination nor mock"),
+        pytest.param({"options": {"timeout": 5}}, NO, id="only options"),
+    ],
+)
+def test_a_route_has_destination_or_mock(route: dict[str, Any], want: tuple[bool, bool]) -> None:
+    _expect(route_doc(route), want)
+
+
+KEEP_WARM = [
+    ({"interval": "5m"}, YES),
+    ({"interval": "5m", "concurrency": 1}, YES),
+    ({"interval": 300, "concurrency": 50}, YES),
+    ({}, NO),
+    ({"concurrency": 2}, NO),
+    ({"interval": "5m", "concurrency": 0}, NO),
+    ({"interval": "5m", "concurrency": 51}, NO),
+    ({"interval": "5m", "concurrency": "2"}, NO),
+    ("5m", NO),
+]
+
+
+@pytest.mark.parametrize(("value", "want"), _table(KEEP_WARM))
+def test_keep_warm(value: Any, want: tuple[bool, bool]) -> None:
+    _expect(upstream_doc(functions=[{"name": "f", "spec": {"function_name": "f"}, "keep_warm": value}]), want)
+
+
+@pytest.mark.parametrize(("value", "want"), _table(INTERVALS))
+def test_keep_warm_interval(value: Any, want: tuple[bool, bool]) -> None:
+    warm = {"interval": value}
+    _expect(upstream_doc(functions=[{"name": "f", "spec": {"function_name": "f"}, "keep_warm": warm}]), want)
 
 
 # ---------------------------------------------------------------------------------------------------------------
