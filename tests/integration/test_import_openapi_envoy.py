@@ -1,6 +1,7 @@
 """What `lambdagate import-openapi` writes serves through a real Envoy: an OpenAPI document with Lambda
-integrations (an alias ARN, an operationId, a greedy any-method path on payload 2.0) becomes a config folder, and
-requests reach the right functions with their path parameters in the event."""
+integrations (an alias ARN, an operationId, a greedy any-method path on payload 2.0) and a mock integration becomes
+a config folder, requests reach the right functions with their path parameters in the event, and the mock answers
+its canned response without any function."""
 
 from __future__ import annotations
 
@@ -70,6 +71,19 @@ paths:
         uri: arn:aws:lambda:us-east-1:000000000000:function:files
         payloadFormatVersion: "2.0"
         timeoutInMillis: 3000
+  /status:
+    get:
+      x-amazon-apigateway-integration:
+        type: mock
+        requestTemplates: {application/json: '{"statusCode": 200}'}
+        responses:
+          default:
+            statusCode: "503"
+            responseParameters:
+              method.response.header.Retry-After: "'120'"
+              method.response.header.X-Served-By: "'mock'"
+            responseTemplates:
+              application/json: '{"status": "maintenance"}'
 """
 
 SECRET_YAML = f"""
@@ -118,5 +132,74 @@ def test_imported_config_serves_through_envoy(tmp_path: Path, capsys: pytest.Cap
             assert event["pathParameters"] == {"proxy": "a/b.txt"}
             assert event["routeKey"] == "ANY /v1/files/{proxy+}"
             assert event["requestContext"]["http"]["method"] == "DELETE"
+            # The mock integration: its status, literal headers and template, answered by Envoy itself.
+            r = http("GET", base + "/v1/status")
+            assert (r.status, r.body) == (503, b'{"status": "maintenance"}'), r
+            assert r.header("retry-after") == "120" and r.header("x-served-by") == "mock", r
+            assert r.header("content-type") == "application/json", r
+            # Like the Lambda routes, it takes GET (and HEAD) only.
+            assert http("POST", base + "/v1/status", b"{}").status == 404
+    finally:
+        loop.close()
+
+
+# Mocks only: no function, so no Upstream is written; HTTP APIs' CORS settings on every route.
+MOCKS_WITH_CORS = """
+openapi: 3.0.1
+info: {title: Status, version: "1.0"}
+x-amazon-apigateway-cors:
+  allowOrigins: [https://app.example.com]
+  allowMethods: [GET]
+  allowHeaders: [x-api-key]
+  maxAge: 600
+paths:
+  /ping:
+    get:
+      x-amazon-apigateway-integration:
+        type: mock
+        responses:
+          default:
+            statusCode: 200
+            responseTemplates: {text/plain: pong}
+"""
+
+
+def test_imported_mocks_and_cors_serve_without_an_upstream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    spec = tmp_path / "status.yaml"
+    spec.write_text(MOCKS_WITH_CORS)
+    config = tmp_path / "config"
+    config.mkdir()
+    assert main(["import-openapi", str(spec), "-o", str(config / "status.yaml")]) == 0, (
+        capsys.readouterr().err
+    )
+    assert "Upstream" not in (config / "status.yaml").read_text()
+
+    loop = LoopThread()
+    try:
+        with gateway(loop, config, functions, {}) as base:
+            origin = {"Origin": "https://app.example.com"}
+            r = http("GET", base + "/ping", headers=origin)
+            assert (r.status, r.body) == (200, b"pong"), r
+            assert r.header("content-type") == "text/plain", r
+            assert r.header("access-control-allow-origin") == "https://app.example.com", r
+            # The preflight is answered from the imported policy, before the mock route.
+            preflight = {**origin, "Access-Control-Request-Method": "GET"}
+            r = http("OPTIONS", base + "/ping", headers=preflight)
+            assert r.status in (200, 204), r
+            assert r.header("access-control-allow-origin") == "https://app.example.com", r
+            assert r.header("access-control-allow-methods") == "GET", r
+            assert r.header("access-control-allow-headers") == "x-api-key", r
+            assert r.header("access-control-max-age") == "600", r
+            # Another origin is never allowed (a single allowed origin may still be named: browsers refuse it).
+            r = http("GET", base + "/ping", headers={"Origin": "https://evil.example.com"})
+            assert (
+                r.status == 200 and r.header("access-control-allow-origin") != "https://evil.example.com"
+            ), r
+            evil = {**preflight, "Origin": "https://evil.example.com"}
+            assert http("OPTIONS", base + "/ping", headers=evil).header("access-control-allow-origin") is None
     finally:
         loop.close()

@@ -15,7 +15,7 @@ import yaml
 from controlplane.cli import main
 from controlplane.model import Route, Secret, Upstream, VirtualService, parse_document, resolve
 from controlplane.model.parse import LOGICAL_NAME_RE
-from controlplane.model.resources import Endpoint
+from controlplane.model.resources import CorsPolicy, Endpoint, MockResponse
 
 ARN = "arn:aws:lambda:us-east-1:123456789012:function"
 
@@ -90,8 +90,23 @@ def load(out: Path) -> tuple[Upstream, VirtualService, list[dict[str, Any]]]:
     assert [d["kind"] for d in docs] == ["Upstream", "VirtualService"]
     up, vs = (parse_document(d) for d in docs)
     assert isinstance(up, Upstream) and isinstance(vs, VirtualService)
-    objects: list[Secret | Upstream | VirtualService] = [up, vs]
-    if up.secret_ref:
+    check_resolves(up, vs)
+    return up, vs, docs
+
+
+def load_mocks_only(out: Path) -> tuple[VirtualService, dict[str, Any]]:
+    """The output of a document whose every operation is a mock: a VirtualService alone, which resolves."""
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert [d["kind"] for d in docs] == ["VirtualService"]
+    vs = parse_document(docs[0])
+    assert isinstance(vs, VirtualService)
+    check_resolves(None, vs)
+    return vs, docs[0]
+
+
+def check_resolves(up: Upstream | None, vs: VirtualService) -> None:
+    objects: list[Secret | Upstream | VirtualService] = [vs] if up is None else [up, vs]
+    if up is not None and up.secret_ref:
         meta = {"name": up.secret_ref, "namespace": up.namespace}
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": meta}
         secret["stringData"] = {"access_key": "AKID", "secret_key": "s"}
@@ -101,9 +116,8 @@ def load(out: Path) -> tuple[Upstream, VirtualService, list[dict[str, Any]]]:
     resolved = resolve(objects, local_endpoint=Endpoint("http", "127.0.0.1", 9001))
     assert resolved.errors == {}
     assert resolved.config.virtual_services == (vs,)
-    for fn in up.functions:
+    for fn in up.functions if up is not None else ():
         assert LOGICAL_NAME_RE.fullmatch(fn.name)
-    return up, vs, docs
 
 
 def function_of(route: Route) -> str:
@@ -346,8 +360,6 @@ def test_skipped_operations_warn(tmp_path: Path, capsys: pytest.CaptureFixture[s
     paths:
       /pets:
         get: {operationId: listPets}
-        options:
-          x-amazon-apigateway-integration: {type: mock, requestTemplates: {application/json: '{"statusCode": 200}'}}
         post: {summary: no function named}
         put:
           x-amazon-apigateway-integration: {type: http_proxy, uri: "https://example.com/pets"}
@@ -357,7 +369,6 @@ def test_skipped_operations_warn(tmp_path: Path, capsys: pytest.CaptureFixture[s
     _, vs, _ = load(out)
     assert routes_of(vs) == [("path", "/pets", ("GET",), "listPets")]
     err = capsys.readouterr().err
-    assert "warning: spec.yaml: paths./pets.options: skipped: mock integrations are not supported yet" in err
     assert "warning: spec.yaml: paths./pets.post: skipped: names no function" in err
     assert (
         "warning: spec.yaml: paths./pets.put: skipped: an http_proxy integration does not invoke Lambda"
@@ -379,6 +390,280 @@ def test_output_is_deterministic_and_goes_to_stdout_without_o(
     assert [d["kind"] for d in yaml.safe_load_all(first)] == ["Upstream", "VirtualService"]
 
 
+MOCKS = f"""
+openapi: 3.0.1
+info: {{title: Shop, version: "1"}}
+servers: [{{url: "https://shop.example.com/v1"}}]
+paths:
+  /orders:
+    get:
+      x-amazon-apigateway-integration: {{type: aws_proxy, uri: "{ARN}:orders"}}
+    options:
+      x-amazon-apigateway-integration:
+        type: mock
+        requestTemplates: {{application/json: '{{"statusCode": 200}}'}}
+        responses:
+          default:
+            statusCode: "204"
+            responseParameters:
+              method.response.header.Access-Control-Allow-Origin: "'https://app.example.com'"
+              method.response.header.Access-Control-Allow-Methods: "'GET,OPTIONS'"
+              method.response.header.X-Request-Id: context.requestId
+              method.response.header.X-Upstream: integration.response.header.X-Upstream
+  /health:
+    get:
+      x-amazon-apigateway-integration:
+        type: MOCK
+        responses:
+          "200":
+            statusCode: 200
+            responseTemplates:
+              text/plain: plain
+              application/json: '{{"status": "ok"}}'
+  /teapot:
+    get:
+      x-amazon-apigateway-integration:
+        type: mock
+        requestTemplates: {{application/json: '{{"statusCode": 418}}'}}
+        responses:
+          default: {{statusCode: "200"}}
+          "4\\\\d{{2}}":
+            statusCode: "418"
+            responseTemplates:
+              text/plain: "#set($tea = 'earl grey')I am a teapot: $tea"
+  /empty:
+    delete:
+      x-amazon-apigateway-integration: {{type: mock}}
+"""
+
+
+def test_mock_integrations_become_mock_routes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = run(tmp_path, MOCKS)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    up, vs, docs = load(out)
+    # Mock routes need no function: the Upstream holds the Lambda integration's only.
+    assert [(f.name, f.function_name) for f in up.functions] == [("orders", f"{ARN}:orders")]
+    assert function_of(vs.routes[0]) == "orders"
+    mocks = [(r.matcher.value, r.matcher.methods, r.destination, r.mock) for r in vs.routes[1:]]
+    assert mocks == [
+        # responses.default: its statusCode, and the quoted literals of responseParameters as headers.
+        (
+            "/v1/orders",
+            ("OPTIONS",),
+            None,
+            MockResponse(
+                204,
+                (
+                    ("access-control-allow-origin", "https://app.example.com"),
+                    ("access-control-allow-methods", "GET,OPTIONS"),
+                ),
+                "",
+            ),
+        ),
+        # The only response; the application/json template wins over the first one, and sets content-type.
+        (
+            "/v1/health",
+            ("GET",),
+            None,
+            MockResponse(200, (("content-type", "application/json"),), '{"status": "ok"}'),
+        ),
+        # The response whose selection pattern matches the request template's statusCode, not default; a
+        # Velocity template is answered as written.
+        (
+            "/v1/teapot",
+            ("GET",),
+            None,
+            MockResponse(
+                418, (("content-type", "text/plain"),), "#set($tea = 'earl grey')I am a teapot: $tea"
+            ),
+        ),
+        # No responses at all: an empty 200.
+        ("/v1/empty", ("DELETE",), None, MockResponse(200, (), "")),
+    ]
+    assert docs[1]["spec"]["routes"][1] == {
+        "matcher": {"path": "/v1/orders", "methods": ["OPTIONS"]},
+        "mock": {
+            "status": 204,
+            "headers": {
+                "Access-Control-Allow-Origin": "https://app.example.com",
+                "Access-Control-Allow-Methods": "GET,OPTIONS",
+            },
+        },
+    }
+    assert docs[1]["spec"]["routes"][4] == {
+        "matcher": {"path": "/v1/empty", "methods": ["DELETE"]},
+        "mock": {"status": 200},
+    }
+    responses = "paths./orders.options.x-amazon-apigateway-integration.responses.default.responseParameters."
+    assert (
+        f"warning: spec.yaml: {responses}method.response.header.X-Request-Id: 'context.requestId' is not a "
+        "quoted literal" in err
+    )
+    assert f"warning: spec.yaml: {responses}method.response.header.X-Upstream: " in err
+    assert (
+        "warning: spec.yaml: paths./teapot.get.x-amazon-apigateway-integration.responses.4\\d{2}."
+        "responseTemplates.text/plain: a Velocity template ($ references or # directives); lambdagate does not "
+        "evaluate templates" in err
+    )
+    # A plain JSON template is no template to warn about; nothing says mocks are skipped any more.
+    assert "/health" not in err and "skipped" not in err
+    assert err.count("warning: ") == 3, err
+
+
+@pytest.mark.parametrize(
+    ("template", "evaluated"),
+    [
+        ('{"price": "$5", "color": "#fff", "tag": "#1"}', False),
+        ("costs 5$ # more or less", False),
+        ('{"id": "$context.requestId"}', True),
+        ('{"id": "${context.requestId}"}', True),
+        ("$!input.body", True),
+        ("#if($x)yes#{else}no#end", True),
+        ("## a comment", True),
+        ("#* a comment *#", True),
+    ],
+)
+def test_velocity_templates_warn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], template: str, evaluated: bool
+) -> None:
+    response = {"default": {"responseTemplates": {"application/json": template}}}
+    rc, out = run(tmp_path, spec3("/a", "get", mock(responses=response)))
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    vs, _ = load_mocks_only(out)
+    assert vs.routes[0].mock == MockResponse(200, (("content-type", "application/json"),), template)
+    assert ("a Velocity template" in err) is evaluated, err
+
+
+def test_only_mocks_write_a_virtual_service_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No function is needed, so no Upstream (nor a region) is: the VirtualService alone loads and translates."""
+    from controlplane.translate.envoy import TranslateOptions, translate
+
+    spec = """
+    openapi: 3.0.0
+    info: {title: Status page}
+    paths:
+      /status:
+        get:
+          x-amazon-apigateway-integration:
+            type: mock
+            responses:
+              default:
+                statusCode: 503
+                responseParameters: {method.response.header.Retry-After: "'120'"}
+                responseTemplates: {application/json: '{"status": "maintenance"}'}
+    """
+    rc, out = run(tmp_path, spec)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    vs, doc = load_mocks_only(out)
+    assert vs.name == "status-page"
+    assert doc["spec"]["routes"] == [
+        {
+            "matcher": {"path": "/status", "methods": ["GET"]},
+            "mock": {
+                "status": 503,
+                "headers": {"Retry-After": "120", "content-type": "application/json"},
+                "body": '{"status": "maintenance"}',
+            },
+        }
+    ]
+    assert "VirtualService status-page (1 route, all mocks; no Upstream)" in err
+    assert out.read_text().startswith(
+        "# Generated by `lambdagate import-openapi` from spec.yaml (OpenAPI 3.0.0): 0 functions, 1 route.\n"
+    )
+    t = translate(resolve([vs]).config, TranslateOptions(extproc_port=1))
+    routes = [r for r in t.routes[0].virtual_hosts[0].routes if r.HasField("direct_response")]
+    assert [(r.direct_response.status, r.direct_response.body.inline_string) for r in routes] == [
+        (503, '{"status": "maintenance"}')
+    ]
+
+    # Upstream options have nothing to apply to: a warning says so, and still no Upstream.
+    rc, out = run(tmp_path, spec, "--region", "us-east-1", "--secret-ref", "aws")
+    assert rc == 0
+    load_mocks_only(out)
+    assert (
+        "warning: spec.yaml: --region, --secret-ref: not used: every route is a mock, so no Upstream is written"
+        in capsys.readouterr().err
+    )
+
+
+CORS_SPEC = f"""
+openapi: 3.0.1
+info: {{title: Pets}}
+x-amazon-apigateway-cors:
+  allowOrigins: [https://app.example.com, "http://localhost:3000"]
+  allowMethods: [GET, post]
+  allowHeaders: [content-type, x-api-key]
+  exposeHeaders: [x-request-id]
+  maxAge: 600
+  allowCredentials: true
+paths:
+  /pets:
+    get:
+      x-amazon-apigateway-integration: {{type: aws_proxy, uri: "{ARN}:pets", payloadFormatVersion: "2.0"}}
+  /ping:
+    get:
+      x-amazon-apigateway-integration: {{type: mock, responses: {{default: {{statusCode: 200}}}}}}
+"""
+
+
+def test_cors_becomes_every_routes_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = run(tmp_path, CORS_SPEC)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "warning" not in err
+    _, vs, docs = load(out)
+    expected = CorsPolicy(
+        ("https://app.example.com", "http://localhost:3000"),
+        ("GET", "POST"),
+        ("content-type", "x-api-key"),
+        ("x-request-id",),
+        600,
+        True,
+    )
+    # Lambda and mock routes alike, beside the route's own options.
+    assert [r.options.cors for r in vs.routes] == [expected, expected]
+    assert vs.routes[0].options.payload_format == "apigateway-v2"
+    assert vs.routes[1].mock == MockResponse(200)
+    assert docs[1]["spec"]["routes"][0]["options"] == {
+        "payload_format": "apigateway-v2",
+        "cors": {
+            "allow_origins": ["https://app.example.com", "http://localhost:3000"],
+            "allow_methods": ["GET", "post"],
+            "allow_headers": ["content-type", "x-api-key"],
+            "expose_headers": ["x-request-id"],
+            "max_age": 600,
+            "allow_credentials": True,
+        },
+    }
+    # Each route has its own copy: no YAML anchors or aliases in the file.
+    text = out.read_text()
+    assert "&id" not in text and "*id" not in text
+
+
+def test_cors_setting_names_any_case_and_ignored_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = spec3(
+        "/a",
+        "get",
+        {"operationId": "a"},
+        **{"x-amazon-apigateway-cors": {"AllowOrigins": ["*"], "maxAge": -1, "allowPrivateNetwork": True}},
+    )
+    rc, out = run(tmp_path, spec, "--region", "us-east-1")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    _, vs, _ = load(out)
+    assert vs.routes[0].options.cors == CorsPolicy(("*",))
+    assert (
+        "warning: spec.yaml: x-amazon-apigateway-cors.maxAge: -1 is not written: browsers then use their "
+        "default (5 seconds)" in err
+    )
+    assert "warning: spec.yaml: x-amazon-apigateway-cors.allowPrivateNetwork: not a CORS setting" in err
+
+
 PET = "paths: {/pets: {get: {operationId: listPets}}}"
 
 
@@ -390,6 +675,15 @@ def integration(**fields: Any) -> dict[str, Any]:
     return {"x-amazon-apigateway-integration": fields}
 
 
+def mock(**fields: Any) -> dict[str, Any]:
+    return integration(type="mock", **fields)
+
+
+def cors(**fields: Any) -> dict[str, Any]:
+    return {"x-amazon-apigateway-cors": fields}
+
+
+MOCK = "spec.yaml: paths./a.get.x-amazon-apigateway-integration.responses"
 TWO_REGIONS = {
     "openapi": "3.0.0",
     "paths": {
@@ -543,6 +837,89 @@ URI = "spec.yaml: paths./a.get.x-amazon-apigateway-integration.uri"
             spec3("/pets", "get", {"operationId": "x"}, servers=[{"url": "https://{host}/v1"}]),
             ["--region", "us-east-1"],
             "spec.yaml: servers[0].variables.host: servers[0].url uses {host}, which has no default",
+        ),
+        (
+            spec3("/a", "get", mock(responses={"default": {"statusCode": "2xx"}})),
+            [],
+            MOCK + ".default.statusCode: must be an HTTP status code such as 200, got '2xx'",
+        ),
+        (
+            spec3("/a", "get", mock(responses={"default": {"statusCode": 700}})),
+            [],
+            MOCK + ".default.statusCode: must be from 200 to 599, got 700",
+        ),
+        (
+            spec3("/a", "get", mock(responses=["default"])),
+            [],
+            MOCK + ": must be a mapping, got a list",
+        ),
+        (
+            spec3(
+                "/a",
+                "get",
+                mock(responses={"default": {"responseParameters": {"method.response.header.X Y": "'1'"}}}),
+            ),
+            [],
+            MOCK + ".default.responseParameters.method.response.header.X Y: not a header name",
+        ),
+        (
+            spec3(
+                "/a",
+                "get",
+                mock(responses={"default": {"responseTemplates": {"application/json": "x" * 70000}}}),
+            ),
+            [],
+            MOCK + ".default.responseTemplates.application/json: at most 64 KiB",
+        ),
+        (
+            spec3("/a", "get", mock(responses={"default": {"responseTemplates": {"application/json": {}}}})),
+            [],
+            MOCK + ".default.responseTemplates.application/json: must be a string (a mapping template)",
+        ),
+        (
+            spec3("/a", "get", mock(), **{"x-amazon-apigateway-cors": ["*"]}),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors: must be a mapping of CORS settings, got a list",
+        ),
+        (
+            spec3("/a", "get", mock(), **{"x-amazon-apigateway-cors": {"allowMethods": ["GET"]}}),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.allowOrigins: must be a non-empty list",
+        ),
+        (
+            spec3("/a", "get", mock(), **cors(allowOrigins="*")),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.allowOrigins: must be a non-empty list",
+        ),
+        (
+            spec3("/a", "get", mock(), **cors(allowOrigins=["https://app.example.com/"])),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.allowOrigins[0]: 'https://app.example.com/' is not an origin",
+        ),
+        (
+            spec3("/a", "get", mock(), **cors(allowOrigins=["*"], allowMethods=["GET", "FETCH"])),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.allowMethods[1]: 'FETCH' is not an HTTP method",
+        ),
+        (
+            spec3("/a", "get", mock(), **cors(allowOrigins=["*"], exposeHeaders=["x y"])),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.exposeHeaders[0]: 'x y' is not a header name",
+        ),
+        (
+            spec3("/a", "get", mock(), **cors(allowOrigins=["*"], maxAge=86401)),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.maxAge: must be more than 0 and at most 86400s",
+        ),
+        (
+            spec3("/a", "get", mock(), **cors(allowOrigins=["*"], allowCredentials=True)),
+            [],
+            "spec.yaml: x-amazon-apigateway-cors.allowCredentials: browsers refuse credentials with the '*' origin",
+        ),
+        (
+            spec3("/a", "get", {"operationId": "a"}, **cors(allowOrigins=["*"], allowCredentials="yes")),
+            ["--region", "us-east-1"],
+            "spec.yaml: x-amazon-apigateway-cors.allowCredentials: must be true or false",
         ),
     ],
 )
