@@ -5,7 +5,9 @@ No I/O: the same Config and options always give byte-identical protos, which gol
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -15,6 +17,7 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    extension_pb2,
     grpc_service_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
@@ -22,26 +25,40 @@ from envoy.config.core.v3 import (
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2
+from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2, regex_pb2, status_code_input_pb2, string_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
+from xds.core.v3 import extension_pb2 as xds_extension_pb2
+from xds.type.matcher.v3 import matcher_pb2 as xds_matcher_pb2
+from xds.type.matcher.v3 import regex_pb2 as xds_regex_pb2
+from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from controlplane.addresses import is_ip
 from controlplane.model import Config, Matcher
 from controlplane.model.resources import (
     DEFAULT_OPTIONS,
     LOCAL_ENDPOINT,
+    CorsPolicy,
     Destination,
     Endpoint,
     FunctionChoice,
+    MockResponse,
+    RateLimit,
+    RouteOptions,
     Upstream,
+    VirtualService,
     split_function_name,
 )
 from controlplane.model.routes import Invocable, RouteTarget, invoke_path
@@ -52,6 +69,17 @@ LISTENER_NAME = "lambdagate_http"
 ROUTE_CONFIG_NAME = "lambdagate_routes"
 EXTPROC_CLUSTER = "lambdagate_extproc"
 EXTPROC_FILTER = "envoy.filters.http.ext_proc"
+CORS_FILTER = "envoy.filters.http.cors"
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+RATE_LIMIT_STAT_PREFIX = "lambdagate_rate_limit"
+# What a preflight companion route names as its cluster: none such exists. The CORS filter answers every request
+# that route matches (all are preflights), so the router never looks the cluster up.
+NOWHERE_CLUSTER = "lambdagate_preflight_only"
+# The name of a CORS route's companion that takes its preflights (OPTIONS + Origin + Access-Control-Request-Method).
+PREFLIGHT_SUFFIX = "/preflight"
+# allow_methods when neither the policy nor the route's matcher names any. TRACE and CONNECT are left out:
+# browsers refuse to send them.
+CORS_ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # The cluster variant for routes with max_retries: its upstream filters sign every attempt anew.
 RESIGN_SUFFIX = "_resign"
 
@@ -267,31 +295,281 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
             disallow_is_error=wrappers_pb2.BoolValue(value=True),
         ),
     )
+    # Envoy passes a local reply through every encoder filter the route enables, including those that never saw
+    # the request. The local rate limit's 429 must not reach ext_proc (it would open a Python stream and read the
+    # answer as a broken Lambda one): the matcher skips ext_proc for a 429 that is not Lambda's.
+    wrapped = extension_matcher_pb2.ExtensionWithMatcher(
+        extension_config=extension_pb2.TypedExtensionConfig(name=EXTPROC_FILTER, typed_config=_any(ext_proc)),
+        xds_matcher=_skip_local_throttle(),
+    )
     # Off by default and switched on by each Lambda route: Envoy's own answers (no route, a redirect, an HTTP/1.0
     # 426) never go through a processor that would read them as Lambda's, and cost no Python stream.
-    return hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(ext_proc), disabled=True)
+    return hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(wrapped), disabled=True)
+
+
+def _skip_local_throttle() -> xds_matcher_pb2.Matcher:
+    """Matches a 429 that is not Lambda's (neither x-amzn-requestid nor x-amzn-errortype): the local rate limit's.
+
+    A non-Lambda 429 from upstream would pass unmapped too; the Invoke API always sends x-amzn-requestid."""
+    predicate = xds_matcher_pb2.Matcher.MatcherList.Predicate
+
+    def response(
+        input_: Message, value: xds_string_pb2.StringMatcher, name: str
+    ) -> xds_matcher_pb2.Matcher.MatcherList.Predicate:
+        return predicate(
+            single_predicate=predicate.SinglePredicate(
+                input=xds_extension_pb2.TypedExtensionConfig(name=name, typed_config=_any(input_)),
+                value_match=value,
+            )
+        )
+
+    def present(header: str) -> xds_matcher_pb2.Matcher.MatcherList.Predicate:
+        anything = xds_regex_pb2.RegexMatcher(google_re2=xds_regex_pb2.RegexMatcher.GoogleRE2(), regex=".*")
+        return response(
+            http_inputs_pb2.HttpResponseHeaderMatchInput(header_name=header),
+            xds_string_pb2.StringMatcher(safe_regex=anything),
+            header,
+        )
+
+    status_429 = response(
+        status_code_input_pb2.HttpResponseStatusCodeMatchInput(),
+        xds_string_pb2.StringMatcher(exact="429"),
+        "status",
+    )
+    from_lambda = predicate(
+        or_matcher=predicate.PredicateList(
+            predicate=[present("x-amzn-requestid"), present("x-amzn-errortype")]
+        )
+    )
+    local_429 = predicate(
+        and_matcher=predicate.PredicateList(predicate=[status_429, predicate(not_matcher=from_lambda)])
+    )
+    skip = xds_extension_pb2.TypedExtensionConfig(
+        name="skip", typed_config=_any(skip_action_pb2.SkipFilter())
+    )
+    return xds_matcher_pb2.Matcher(
+        matcher_list=xds_matcher_pb2.Matcher.MatcherList(
+            matchers=[
+                xds_matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                    predicate=local_429, on_match=xds_matcher_pb2.Matcher.OnMatch(action=skip)
+                )
+            ]
+        )
+    )
+
+
+def _enable(config: Message) -> any_pb2.Any:
+    """Per-route config that switches on a filter the HCM lists as disabled."""
+    return _any(route_components_pb2.FilterConfig(config=_any(config), disabled=False))
 
 
 def _extproc_enabled() -> dict[str, any_pb2.Any]:
     per_route = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides())
-    return {EXTPROC_FILTER: _any(route_components_pb2.FilterConfig(config=_any(per_route), disabled=False))}
+    return {EXTPROC_FILTER: _enable(per_route)}
 
 
-def _no_route_reply() -> hcm_pb2.LocalReplyConfig:
-    """A request no route matches gets the JSON error body every other lambdagate error has."""
-    body = struct_pb2.Struct()
-    body.update({"message": "Not Found", "requestId": "%REQ(X-REQUEST-ID)%"})
-    return hcm_pb2.LocalReplyConfig(
-        mappers=[
-            hcm_pb2.ResponseMapper(
-                filter=accesslog_pb2.AccessLogFilter(
-                    response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])
-                ),
-                body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
-                    json_format=body
-                ),
+def cors_filter() -> hcm_pb2.HttpFilter:
+    # Off by default: a route with `options.cors` switches it on with its policy. Ahead of ext_proc, so a preflight
+    # is answered here and never reaches a function; on the way back it runs after ext_proc's rewrite of Lambda's
+    # answer, so the function's response gets the CORS headers too.
+    return hcm_pb2.HttpFilter(name=CORS_FILTER, typed_config=_any(cors_pb2.Cors()), disabled=True)
+
+
+def rate_limit_filter() -> hcm_pb2.HttpFilter:
+    # Off by default (and, with no token bucket, a no-op even if on): a route with `options.rate_limit` switches it
+    # on with its own bucket. Ahead of ext_proc, so a limited request never reaches a function nor costs a stream.
+    config = local_rate_limit_pb2.LocalRateLimit(stat_prefix=RATE_LIMIT_STAT_PREFIX)
+    return hcm_pb2.HttpFilter(name=RATE_LIMIT_FILTER, typed_config=_any(config), disabled=True)
+
+
+def _percent_100() -> base_pb2.RuntimeFractionalPercent:
+    return base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(
+            numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED
+        )
+    )
+
+
+def retry_after_s(rl: RateLimit) -> int:
+    """Whole seconds until the bucket holds a token again after it ran dry. Envoy's bucket refills continuously,
+    `requests` per `per_s` (it is not timer-based; measured on 1.40), so one token takes per_s/requests."""
+    return max(1, math.ceil(rl.per_s / rl.requests))
+
+
+def rate_limit_config(rl: RateLimit) -> local_rate_limit_pb2.LocalRateLimit:
+    """One route's token bucket, enabled and enforced for every request. Each Envoy instance has its own."""
+    return local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix=RATE_LIMIT_STAT_PREFIX,
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=rl.burst,
+            tokens_per_fill=wrappers_pb2.UInt32Value(value=rl.requests),
+            fill_interval=_duration(rl.per_s),
+        ),
+        filter_enabled=_percent_100(),
+        filter_enforced=_percent_100(),
+        response_headers_to_add=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="retry-after", value=str(retry_after_s(rl))),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
             )
+        ],
+    )
+
+
+def cors_policy(policy: CorsPolicy, matcher: Matcher) -> cors_pb2.CorsPolicy:
+    """Envoy's CORS policy for a route; with no allow_methods, the route's own methods (or all of them)."""
+    methods = policy.allow_methods or matcher.methods or CORS_ALL_METHODS
+    out = cors_pb2.CorsPolicy(
+        # Envoy treats a matcher that matches "*" as any origin, and answers with the request's Origin.
+        allow_origin_string_match=[
+            string_pb2.StringMatcher(exact=origin, ignore_case=True) for origin in policy.allow_origins
+        ],
+        allow_methods=",".join(methods),
+    )
+    if policy.allow_headers:
+        out.allow_headers = ",".join(policy.allow_headers)
+    if policy.expose_headers:
+        out.expose_headers = ",".join(policy.expose_headers)
+    if policy.max_age_s is not None:
+        out.max_age = str(policy.max_age_s)
+    if policy.allow_credentials:
+        out.allow_credentials.value = True
+    # A preflight from an origin not allowed is answered too (without CORS headers): preflights never reach a
+    # function, whatever the route's methods.
+    out.forward_not_matching_preflights.value = False
+    return out
+
+
+def _gateway_filters(opts: RouteOptions, matcher: Matcher) -> dict[str, any_pb2.Any]:
+    """Per-route configs of the CORS and rate limit filters, for the options that set them."""
+    out: dict[str, any_pb2.Any] = {}
+    if opts.cors is not None:
+        out[CORS_FILTER] = _enable(cors_policy(opts.cors, matcher))
+    if opts.rate_limit is not None:
+        out[RATE_LIMIT_FILTER] = _enable(rate_limit_config(opts.rate_limit))
+    return out
+
+
+def preflight_route(name: str, matcher: Matcher, policy: CorsPolicy) -> route_components_pb2.Route:
+    """The companion placed before a CORS route: it takes that route's preflights whatever methods the route
+    accepts, and the CORS filter answers all of them (those from other origins without CORS headers).
+
+    It must forward somewhere (Envoy's CORS filter ignores direct_response routes), but never does: it matches only
+    what the filter calls a preflight (OPTIONS, a non-empty Origin and Access-Control-Request-Method)."""
+    match = route_match(dataclasses.replace(matcher, methods=()))
+    non_empty = string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
+    match.headers.extend(
+        [
+            route_components_pb2.HeaderMatcher(
+                name=":method", string_match=string_pb2.StringMatcher(exact="OPTIONS")
+            ),
+            route_components_pb2.HeaderMatcher(name="origin", string_match=non_empty),
+            route_components_pb2.HeaderMatcher(name="access-control-request-method", string_match=non_empty),
         ]
+    )
+    return route_components_pb2.Route(
+        name=name + PREFLIGHT_SUFFIX,
+        match=match,
+        route=route_components_pb2.RouteAction(cluster=NOWHERE_CLUSTER),
+        typed_per_filter_config={CORS_FILTER: _enable(cors_policy(policy, matcher))},
+    )
+
+
+def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def mock_route(
+    name: str, matcher: Matcher, mock: MockResponse, extra_headers: tuple[tuple[str, str], ...] = ()
+) -> route_components_pb2.Route:
+    """API Gateway's mock integration: Envoy answers by itself, no ext_proc, no function."""
+    action = route_components_pb2.DirectResponseAction(status=mock.status)
+    if mock.body:
+        action.body.CopyFrom(base_pb2.DataSource(inline_string=mock.body))
+    return route_components_pb2.Route(
+        name=name,
+        match=route_match(matcher),
+        direct_response=action,
+        # The mock's own headers come last, so they win over the CORS headers added for it.
+        response_headers_to_add=[_set_header(k, v) for k, v in extra_headers + mock.headers],
+    )
+
+
+def _mock_cors_headers(policy: CorsPolicy, origin: str) -> tuple[tuple[str, str], ...]:
+    """The headers Envoy's CORS filter adds to an answer for an allowed origin."""
+    out = [("access-control-allow-origin", origin)]
+    if policy.allow_credentials:
+        out.append(("access-control-allow-credentials", "true"))
+    if policy.expose_headers:
+        out.append(("access-control-expose-headers", ",".join(policy.expose_headers)))
+    return tuple(out)
+
+
+def mock_routes(
+    name: str, matcher: Matcher, mock: MockResponse, policy: CorsPolicy | None
+) -> list[route_components_pb2.Route]:
+    """A mock and, with CORS, what stands in for the CORS filter, which ignores direct_response routes: the
+    preflight companion (a forwarding route the filter does answer), and the CORS headers on the mock itself.
+
+    "*" echoes the request's Origin (a header whose value is empty is not sent); a single origin is named as is
+    (a browser on another origin then refuses the answer, as it would without the header); with several origins,
+    one copy of the mock per origin carries the headers, and the last copy, without them, answers the rest."""
+    if policy is None:
+        return [mock_route(name, matcher, mock)]
+    out = [preflight_route(name, matcher, policy)]
+    origins = policy.allow_origins
+    if "*" in origins:
+        out.append(mock_route(name, matcher, mock, _mock_cors_headers(policy, "%REQ(origin)%")))
+    elif len(origins) == 1:
+        out.append(mock_route(name, matcher, mock, _mock_cors_headers(policy, origins[0])))
+    else:
+        for k, origin in enumerate(origins):
+            variant = mock_route(
+                f"{name}/origin{k}", matcher, mock, _mock_cors_headers(policy, "%REQ(origin)%")
+            )
+            variant.match.headers.append(
+                route_components_pb2.HeaderMatcher(
+                    name="origin", string_match=string_pb2.StringMatcher(exact=origin, ignore_case=True)
+                )
+            )
+            out.append(variant)
+        out.append(mock_route(name, matcher, mock))
+    return out
+
+
+def _json_reply(message: str, flag: str | None = None, status: int | None = None) -> hcm_pb2.ResponseMapper:
+    body = struct_pb2.Struct()
+    body.update({"message": message, "requestId": "%REQ(X-REQUEST-ID)%"})
+    if flag is not None:
+        selector = accesslog_pb2.AccessLogFilter(
+            response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=[flag])
+        )
+    else:
+        selector = accesslog_pb2.AccessLogFilter(
+            status_code_filter=accesslog_pb2.StatusCodeFilter(
+                comparison=accesslog_pb2.ComparisonFilter(
+                    op=accesslog_pb2.ComparisonFilter.EQ,
+                    value=base_pb2.RuntimeUInt32(
+                        default_value=status or 0, runtime_key=f"lambdagate.json_reply.status_{status}"
+                    ),
+                )
+            )
+        )
+    return hcm_pb2.ResponseMapper(
+        filter=selector,
+        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(json_format=body),
+    )
+
+
+def local_reply_config() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own answers get the JSON error body every other lambdagate error has: no route matched (flag NR),
+    and a 429, which only the local rate limit makes (API Gateway's `{"message":"Too Many Requests"}`). The rate
+    limit sets its flag RL only after sending its reply, too late for a mapper, hence the status."""
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[_json_reply("Not Found", flag="NR"), _json_reply("Too Many Requests", status=429)]
     )
 
 
@@ -309,7 +587,11 @@ def listener(options: TranslateOptions) -> listener_pb2.Listener:
                 resource_api_version=config_source_pb2.V3,
             ),
         ),
+        # CORS and the rate limit come first: a preflight or a limited request ends in Envoy. Always listed (off
+        # unless a route turns them on), so giving one route CORS or a limit changes RDS only, never the Listener.
         http_filters=[
+            cors_filter(),
+            rate_limit_filter(),
             extproc_filter(options),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router",
@@ -319,7 +601,7 @@ def listener(options: TranslateOptions) -> listener_pb2.Listener:
         # Lambda invocations can be slow; the route timeout, not the stream idle timeout, is what bounds them.
         stream_idle_timeout=_duration(300),
         request_timeout=_duration(0),
-        local_reply_config=_no_route_reply(),
+        local_reply_config=local_reply_config(),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
@@ -403,6 +685,22 @@ def retry_policy(retries: int) -> route_components_pb2.RetryPolicy:
     )
 
 
+def _mock_routes(
+    vs: VirtualService, index: int, matcher: Matcher, mock: MockResponse, own: RouteOptions
+) -> list[route_components_pb2.Route]:
+    """A mock route's Envoy routes. It has no Upstream: only its own options apply."""
+    gateway = RouteOptions(rate_limit=own.rate_limit, cors=own.cors)
+    key = ("mock", matcher, mock) + ((gateway,) if gateway != RouteOptions() else ())
+    name = route_name(vs.namespace, vs.name, index, repr(key))
+    routes = mock_routes(name, matcher, mock, own.cors)
+    if own.rate_limit is not None:
+        limit = _enable(rate_limit_config(own.rate_limit))
+        for route in routes:
+            if not route.name.endswith(PREFLIGHT_SUFFIX):
+                route.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(limit)
+    return routes
+
+
 def translate(config: Config, options: TranslateOptions) -> Translation:
     clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc_cluster(options)}
     vhosts: list[route_components_pb2.VirtualHost] = []
@@ -413,7 +711,9 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
         for i, route in enumerate(vs.routes):
             dest = route.destination
             if dest is None:
-                continue  # mock routes: answered by Envoy (see below)
+                if route.mock is not None:
+                    routes.extend(_mock_routes(vs, i, route.matcher, route.mock, route.options))
+                continue
             up = config.upstream(dest.upstream_namespace, dest.upstream)
             if up is None:  # resolve() guarantees it; translate stays total anyway
                 continue
@@ -499,12 +799,17 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
             )
             if retries:
                 action.retry_policy.CopyFrom(retry_policy(retries))
+            if opts.cors is not None:
+                routes.append(preflight_route(name, route.matcher, opts.cors))
             routes.append(
                 route_components_pb2.Route(
                     name=name,
                     match=route_match(route.matcher),
                     route=action,
-                    typed_per_filter_config=_extproc_enabled(),
+                    typed_per_filter_config={
+                        **_gateway_filters(opts, route.matcher),
+                        **_extproc_enabled(),
+                    },
                 )
             )
         vhosts.append(

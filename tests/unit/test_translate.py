@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
@@ -319,9 +320,19 @@ def _hcm(t: Translation) -> hcm_pb2.HttpConnectionManager:
 def test_ext_proc_filter_is_fail_closed_and_retains_route(petstore: Translation):
     hcm = _hcm(petstore)
     names = [f.name for f in hcm.http_filters]
-    assert names == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    # CORS and the local rate limit answer before ext_proc (see test_translate_gateway_features.py).
+    assert names == [
+        "envoy.filters.http.cors",
+        "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.router",
+    ]
+    # ext_proc is wrapped in a matcher that skips it for the local rate limit's 429.
+    wrapped = extension_matcher_pb2.ExtensionWithMatcher()
+    assert hcm.http_filters[2].typed_config.Unpack(wrapped)
+    assert wrapped.extension_config.name == "envoy.filters.http.ext_proc"
     ep = ext_proc_pb2.ExternalProcessor()
-    assert hcm.http_filters[0].typed_config.Unpack(ep)
+    assert wrapped.extension_config.typed_config.Unpack(ep)
     assert ep.failure_mode_allow is False
     assert ep.route_cache_action == ext_proc_pb2.ExternalProcessor.RETAIN
     assert ep.grpc_service.envoy_grpc.cluster_name == EXTPROC_CLUSTER
