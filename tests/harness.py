@@ -365,12 +365,28 @@ def serve_local_lambda(
         loop.run(server.stop())
 
 
+def lay_out(
+    tmp: Path, functions: dict[str, str], config: str, functions_yaml: str | None = None
+) -> tuple[Path, Path]:
+    """`tmp/functions/` with one dedented handler file per entry (and functions.yaml), `tmp/config/api.yaml`."""
+    import textwrap
+
+    fn_dir, config_dir = tmp / "functions", tmp / "config"
+    fn_dir.mkdir()
+    config_dir.mkdir()
+    for name, code in functions.items():
+        (fn_dir / f"{name}.py").write_text(textwrap.dedent(code))
+    if functions_yaml is not None:
+        (fn_dir / "functions.yaml").write_text(functions_yaml)
+    (config_dir / "api.yaml").write_text(config)
+    return fn_dir, config_dir
+
+
 @contextlib.contextmanager
-def gateway(
+def gateway_with_envoy(
     loop: LoopThread, config_dir: Path, functions: Path, credentials: dict[str, str]
-) -> Iterator[str]:
-    """The whole request path on free ports: our local Lambda endpoint serving `functions`, the control plane
-    reading `config_dir` (its `endpoint: local` is that endpoint) and a real Envoy. Yields Envoy's base URL."""
+) -> Iterator[tuple[str, Envoy]]:
+    """`gateway`, also yielding the Envoy (for its admin API)."""
     from controlplane.locallambda import LocalLambda
     from controlplane.model.resources import Endpoint
 
@@ -385,6 +401,16 @@ def gateway(
             Envoy(cp.port) as envoy,
         ):
             envoy.wait_listening(port)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", envoy
     finally:
         loop.run(local.stop())
+
+
+@contextlib.contextmanager
+def gateway(
+    loop: LoopThread, config_dir: Path, functions: Path, credentials: dict[str, str]
+) -> Iterator[str]:
+    """The whole request path on free ports: our local Lambda endpoint serving `functions`, the control plane
+    reading `config_dir` (its `endpoint: local` is that endpoint) and a real Envoy. Yields Envoy's base URL."""
+    with gateway_with_envoy(loop, config_dir, functions, credentials) as (url, _):
+        yield url

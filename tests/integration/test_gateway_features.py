@@ -5,12 +5,11 @@ function records every invocation to a file, so the tests can tell what never re
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Envoy, LoopThread, control_plane, free_port, http
+from harness import Envoy, LoopThread, gateway_with_envoy, http, lay_out
 
 SECRET = "gateway-features-secret"
 APP = "https://app.example.com"
@@ -133,36 +132,17 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # harness.gateway() without hiding Envoy: the tests read its ext_proc counters.
-    from controlplane.locallambda import LocalLambda
-    from controlplane.model.resources import Endpoint
-
+    # harness.gateway_with_envoy(): the tests read Envoy's ext_proc counters.
     loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("gateway-features")
-    functions = tmp / "functions"
-    functions.mkdir()
-    for name, code in FUNCTIONS.items():
-        (functions / f"{name}.py").write_text(textwrap.dedent(code))
+    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG)
     record = tmp / "invocations.log"
     mp = pytest.MonkeyPatch()
     mp.setenv("LG_GATEWAY_RECORD", str(record))
-    folder = tmp / "config"
-    folder.mkdir()
-    (folder / "api.yaml").write_text(CONFIG)
-    local = LocalLambda(functions, {"AKIDGATEWAY": SECRET})
-    lport = loop_thread.run(local.start())
-    port = free_port()
     try:
-        with (
-            control_plane(
-                loop_thread, folder, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
-            ) as cp,
-            Envoy(cp.port) as envoy,
-        ):
-            envoy.wait_listening(port)
-            yield Stack(f"http://127.0.0.1:{port}", record, envoy)
+        with gateway_with_envoy(loop_thread, folder, functions, {"AKIDGATEWAY": SECRET}) as (url, envoy):
+            yield Stack(url, record, envoy)
     finally:
-        loop_thread.run(local.stop())
         loop_thread.close()
         mp.undo()
 

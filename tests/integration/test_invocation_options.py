@@ -4,13 +4,12 @@ stage variables, set per route with defaults per Upstream."""
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LoopThread, gateway, http, wait_until
+from harness import LoopThread, gateway, http, lay_out, wait_until
 
 SECRET = "options-secret-value"
 
@@ -123,16 +122,10 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("options")
-    functions = tmp / "functions"
-    functions.mkdir()
-    for name, code in FUNCTIONS.items():
-        (functions / f"{name}.py").write_text(textwrap.dedent(code))
+    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG)
     record = tmp / "record.log"
     mp = pytest.MonkeyPatch()
     mp.setenv("LG_RECORD", str(record))
-    folder = tmp / "config"
-    folder.mkdir()
-    (folder / "api.yaml").write_text(CONFIG)
     try:
         with gateway(loop_thread, folder, functions, {"AKIDOPTIONS": SECRET}) as url:
             yield Stack(url, record)

@@ -4,17 +4,15 @@ choices), retries signed again per attempt, the error mapping, Retry-After, the 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import textwrap
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LoopThread, gateway, http
+from harness import LoopThread, gateway, http, lay_out
 
 SECRET = "features-secret-value"
 
@@ -162,17 +160,10 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("features")
-    functions = tmp / "functions"
-    functions.mkdir()
-    for name, code in FUNCTIONS.items():
-        (functions / f"{name}.py").write_text(textwrap.dedent(code))
-    (functions / "functions.yaml").write_text(FUNCTIONS_YAML)
+    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG, FUNCTIONS_YAML)
     record = tmp / "record.log"
     mp = pytest.MonkeyPatch()
     mp.setenv("LG_FEATURES_RECORD", str(record))
-    folder = tmp / "config"
-    folder.mkdir()
-    (folder / "features.yaml").write_text(CONFIG)
     try:
         with gateway(loop_thread, folder, functions, {"AKIDFEATURES": SECRET}) as url:
             yield Stack(url, record)
