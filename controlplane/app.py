@@ -22,6 +22,7 @@ from controlplane.model.resources import Endpoint
 from controlplane.sources.files import FileSource, LoadResult
 from controlplane.sources.kubernetes import KubernetesSource, KubeSettings
 from controlplane.translate.envoy import TranslateOptions, Translation, translate
+from controlplane.warm import KeepWarm, needs_default_chain
 from controlplane.xds.cache import ROUTE_TYPE, Snapshot, SnapshotCache
 from controlplane.xds.server import AdsServer
 
@@ -53,9 +54,11 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = SnapshotCache()
-        self.routes = RouteTable()
-        self.ads = AdsServer(self.cache, on_state=self._retain_routes)
         self.default_chain = DefaultChain()
+        self.routes = RouteTable()
+        # Roles without a Secret are assumed with the default chain, and again when it has new credentials.
+        self.routes.roles.chain = self.default_chain
+        self.ads = AdsServer(self.cache, on_state=self._retain_routes)
         self.extproc = ExtProcServer(self.routes, self.default_chain)
         self.health = health.aio.HealthServicer()
         self.source: FileSource | KubernetesSource
@@ -65,6 +68,12 @@ class ControlPlane:
             self.source = FileSource(settings.config_dir, local_endpoint=settings.local_endpoint)
         else:
             raise ValueError("a config folder or Kubernetes settings are required")
+        self.keep_warm = KeepWarm(
+            self.default_chain,
+            self.routes.roles,
+            ca_bundle=settings.translate.ca_bundle,
+            active=self._leads,
+        )
         self.last: LoadResult | None = None
         self.translation: Translation | None = None
         self.server: grpc.aio.Server | None = None
@@ -90,7 +99,8 @@ class ControlPlane:
         except Exception:  # a translate bug must not stop the watcher; the last good snapshot keeps serving
             log.exception("translating the configuration failed; Envoy keeps its current configuration")
             return
-        if any(t.credentials is None for t in translation.route_table.values()) and self._stop is not None:
+        chain_needed = any(t.credentials is None for t in translation.route_table.values())
+        if (chain_needed or needs_default_chain(result.config)) and self._stop is not None:
             await self._start_default_chain(self._stop)
         try:
             snapshot = Snapshot.build(translation.resources())
@@ -108,6 +118,7 @@ class ControlPlane:
         # ext_proc learns the routes before Envoy does, so Envoy never routes to a name ext_proc lacks.
         self.routes.update(translation.route_table, snapshot.versions[ROUTE_TYPE])
         self.translation = translation
+        self.keep_warm.update(result.config)
         current = self.cache.snapshot
         if current is not None and current.versions == snapshot.versions:
             return  # only ext_proc's side (credentials, say) changed; Envoy has nothing new
@@ -149,12 +160,18 @@ class ControlPlane:
             await stop.wait()
         finally:
             await self.health.enter_graceful_shutdown()
+            await self.keep_warm.stop()
             tasks, self._tasks = self._tasks, []
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.server is not None:
                 await self.server.stop(self.settings.grace_s)
+
+    def _leads(self) -> bool:
+        # With several replicas on Kubernetes, only the Lease holder warms functions (as only it writes status).
+        is_leader = getattr(self.source, "is_leader", None)
+        return is_leader is None or bool(is_leader())
 
     def _retain_routes(self) -> None:
         self.routes.retain(self.ads.versions_in_use(ROUTE_TYPE))

@@ -3,6 +3,9 @@
 botocore does the assuming and refreshing (`AssumeRoleCredentialFetcher`, `DeferredRefreshableCredentials`),
 as the AWS CLI does for a profile's role_arn. `RoleCredentials` keeps one role's current keys for the request
 path: they are refreshed in a thread ahead of expiry, so no request ever waits on STS.
+
+Without a Secret, the role is assumed with the control plane's `DefaultChain` when one is given: when the chain
+loads new credentials (a web identity token that changed, say), the role is assumed again with them.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 from botocore.credentials import ReadOnlyCredentials
 
-from controlplane.aws.signing import CredentialsUnavailable
+from controlplane.aws.signing import CredentialsUnavailable, DefaultChain
 from controlplane.model import AwsCredentials
 
 log = logging.getLogger("lambdagate.aws")
@@ -22,8 +26,21 @@ log = logging.getLogger("lambdagate.aws")
 SESSION_NAME = "lambdagate"
 
 
-def assume_role_credentials(base: AwsCredentials | None, role_arn: str, region: str) -> Any:
-    """Refreshable credentials of `role_arn`, assumed (lazily, on first use) with `base` or the default chain."""
+class _ChainSource:
+    """The DefaultChain's current keys, in the shape botocore's AssumeRoleCredentialFetcher reads its source."""
+
+    def __init__(self, chain: DefaultChain) -> None:
+        self._chain = chain
+
+    def get_frozen_credentials(self) -> ReadOnlyCredentials:
+        return self._chain.current()
+
+
+def assume_role_credentials(
+    base: AwsCredentials | None, role_arn: str, region: str, chain: DefaultChain | None = None
+) -> Any:
+    """Refreshable credentials of `role_arn`, assumed (lazily, on first use) with `base`, else `chain`'s
+    current keys, else a botocore session's own default chain."""
     import botocore.session
     from botocore.credentials import (
         AssumeRoleCredentialFetcher,
@@ -32,8 +49,11 @@ def assume_role_credentials(base: AwsCredentials | None, role_arn: str, region: 
     )
 
     source_session = botocore.session.Session()
+    source: Any
     if base is not None:
         source = Credentials(base.access_key, base.secret_key, base.session_token)
+    elif chain is not None:
+        source = _ChainSource(chain)
     else:
         source = source_session.get_credentials()
         if source is None:
@@ -69,10 +89,15 @@ def assumed_role_session(base: AwsCredentials | None, role_arn: str, region: str
 class RoleCredentials:
     """One role's keys for ext_proc: `current()` never blocks; `refresh()` (in a thread) renews them."""
 
-    def __init__(self, base: AwsCredentials | None, role_arn: str, region: str) -> None:
+    def __init__(
+        self, base: AwsCredentials | None, role_arn: str, region: str, chain: DefaultChain | None = None
+    ) -> None:
         self.role_arn = role_arn
         self._base = base
         self._region = region
+        # The source when there is no Secret; its generation at the last assuming says when to assume again.
+        self._chain = chain if base is None else None
+        self._source_generation: int | None = None
         self._credentials: Any = None
         self._frozen: ReadOnlyCredentials | None = None
         self._error: str | None = "not assumed yet"
@@ -82,6 +107,11 @@ class RoleCredentials:
     def ready(self) -> bool:
         return self._frozen is not None
 
+    @property
+    def source_changed(self) -> bool:
+        """Whether the default chain loaded new credentials since this role was assumed with it."""
+        return self._chain is not None and self._chain.generation != self._source_generation
+
     def current(self) -> ReadOnlyCredentials:
         frozen = self._frozen
         if frozen is None:
@@ -89,12 +119,22 @@ class RoleCredentials:
         return frozen
 
     def refresh(self) -> None:
-        """Blocking: assume the role if needed (botocore renews it 15 minutes before it expires)."""
+        """Blocking: assume the role if needed (botocore renews it 15 minutes before it expires), and again at
+        once when the default chain's credentials changed (a new web identity token)."""
         with self._lock:
             try:
-                if self._credentials is None:
-                    self._credentials = assume_role_credentials(self._base, self.role_arn, self._region)
-                self._frozen = self._credentials.get_frozen_credentials()
+                generation = self._chain.generation if self._chain is not None else None
+                if self._credentials is None or generation != self._source_generation:
+                    if self._credentials is not None:
+                        log.info(
+                            "role %s: the source credentials changed; assuming the role again", self.role_arn
+                        )
+                    fresh = assume_role_credentials(self._base, self.role_arn, self._region, self._chain)
+                    # Only a successful assuming replaces the role's keys (and its source generation).
+                    self._frozen = fresh.get_frozen_credentials()
+                    self._credentials, self._source_generation = fresh, generation
+                else:
+                    self._frozen = self._credentials.get_frozen_credentials()
                 self._error = None
             except Exception as err:  # noqa: BLE001 - botocore raises many kinds (parser errors too)
                 # Keep the last keys while they last: STS being away must not stop requests.
@@ -111,14 +151,16 @@ class RoleCredentials:
 class RoleCache:
     """The roles routes sign as, one `RoleCredentials` per (keys, role, region), shared by every route."""
 
-    def __init__(self) -> None:
+    def __init__(self, chain: DefaultChain | None = None) -> None:
         self._roles: dict[tuple[AwsCredentials | None, str, str], RoleCredentials] = {}
+        # The source of roles without a Secret (None: each role resolves botocore's chain by itself).
+        self.chain = chain
 
     def get(self, base: AwsCredentials | None, role_arn: str, region: str) -> RoleCredentials:
         key = (base, role_arn, region)
         role = self._roles.get(key)
         if role is None:
-            role = self._roles[key] = RoleCredentials(base, role_arn, region)
+            role = self._roles[key] = RoleCredentials(base, role_arn, region, self.chain)
         return role
 
     def retain(self, in_use: set[RoleCredentials]) -> None:
@@ -142,11 +184,18 @@ class RoleCache:
                 )
 
     async def keep_fresh(self, stop: asyncio.Event, check_every_s: float = 30.0) -> None:
-        """Renew every role ahead of expiry (botocore refreshes within 15 minutes of it), off the loop."""
+        """Renew every role ahead of expiry (botocore refreshes within 15 minutes of it), off the loop; a role
+        whose source (the default chain) has new credentials is assumed again within the chain's token check."""
+        wake_s = min(check_every_s, self.chain.token_check_s) if self.chain is not None else check_every_s
+        last_full = time.monotonic()
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), check_every_s)
+                await asyncio.wait_for(stop.wait(), wake_s)
             except asyncio.TimeoutError:
                 pass
+            full = time.monotonic() - last_full >= check_every_s
+            if full:
+                last_full = time.monotonic()
             for role in list(self._roles.values()):
-                await asyncio.to_thread(role.refresh)
+                if full or role.source_changed:
+                    await asyncio.to_thread(role.refresh)

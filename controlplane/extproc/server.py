@@ -95,7 +95,7 @@ class RouteTable:
     """
 
     def __init__(self, roles: RoleCache | None = None) -> None:
-        self.roles = roles or RoleCache()
+        self.roles = roles if roles is not None else RoleCache()
         self._generations: dict[str, dict[str, CompiledTarget]] = {}
         self._current = ""
         self._in_use: set[str] = set()
