@@ -71,6 +71,7 @@ functions:
 - {name: boom, handler: boom.handler}
 - {name: garbage, handler: garbage.handler}
 - {name: chatty, handler: chatty.handler}
+- {name: sleepy, handler: busy.handler, timeout: 0.2}
 """
 
 CONFIG = """
@@ -95,6 +96,7 @@ spec:
   - {name: chatty, spec: {function_name: chatty}}
   - {name: busy, spec: {function_name: busy}}
   - {name: closed, spec: {function_name: closed}}
+  - {name: sleepy, spec: {function_name: sleepy}}
 ---
 apiVersion: lambdagate.io/v1
 kind: VirtualService
@@ -124,6 +126,11 @@ spec:
   - matcher: {path: /boom-mapped}
     destination: {upstream: lambdas, function: boom}
     options: {errors: {function_error: 500, malformed_response: 500}}
+  - matcher: {path: /sleepy}
+    destination: {upstream: lambdas, function: sleepy}
+  - matcher: {path: /sleepy-mapped}
+    destination: {upstream: lambdas, function: sleepy}
+    options: {errors: {function_timeout: 503}}
   - matcher: {path: /garbage}
     destination: {upstream: lambdas, function: garbage}
   - matcher: {path: /garbage-mapped}
@@ -238,6 +245,10 @@ def test_error_mapping_defaults_and_overrides(stack: Stack) -> None:
     assert "kaboom" not in r.body.decode()
     assert http("GET", stack.base + "/boom-mapped").status == 500
     assert http("GET", stack.base + "/garbage").status == 502
+    # The function ran past its own timeout (Lambda's Sandbox.Timedout): 504, or what the route maps it to.
+    r = http("GET", stack.base + "/sleepy")
+    assert r.status == 504 and r.json()["message"] == "Endpoint request timed out"
+    assert http("GET", stack.base + "/sleepy-mapped").status == 503
     assert http("GET", stack.base + "/garbage-mapped").status == 500
 
 
