@@ -174,16 +174,34 @@ def _one_endpoint(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoa
     )
 
 
+def _processor(
+    options: TranslateOptions,
+    mode: processing_mode_pb2.ProcessingMode,
+    rules: mutation_rules_pb2.HeaderMutationRules,
+    max_receive_bytes: int | None = None,
+) -> ext_proc_pb2.ExternalProcessor:
+    """An ext_proc filter config talking to lambdagate. Fail closed: if the processor is unreachable the request
+    ends in 5xx and is never sent unsigned."""
+    grpc = grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER)
+    if max_receive_bytes is not None:
+        grpc.max_receive_message_length.value = max_receive_bytes
+    return ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc, timeout=_duration(options.extproc_message_timeout_s)
+        ),
+        failure_mode_allow=False,
+        processing_mode=mode,
+        message_timeout=_duration(options.extproc_message_timeout_s),
+        mutation_rules=rules,
+    )
+
+
 def resign_filters(options: TranslateOptions) -> list[hcm_pb2.HttpFilter]:
     """The upstream filter chain of a retrying cluster: ext_proc signs each attempt again (headers only)."""
     mode = processing_mode_pb2.ProcessingMode
-    signer = ext_proc_pb2.ExternalProcessor(
-        grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
-            timeout=_duration(options.extproc_message_timeout_s),
-        ),
-        failure_mode_allow=False,
-        processing_mode=mode(
+    signer = _processor(
+        options,
+        mode(
             request_header_mode=mode.SEND,
             request_body_mode=mode.NONE,
             request_trailer_mode=mode.SKIP,
@@ -191,10 +209,7 @@ def resign_filters(options: TranslateOptions) -> list[hcm_pb2.HttpFilter]:
             response_body_mode=mode.NONE,
             response_trailer_mode=mode.SKIP,
         ),
-        message_timeout=_duration(options.extproc_message_timeout_s),
-        mutation_rules=mutation_rules_pb2.HeaderMutationRules(
-            disallow_is_error=wrappers_pb2.BoolValue(value=True),
-        ),
+        mutation_rules_pb2.HeaderMutationRules(disallow_is_error=wrappers_pb2.BoolValue(value=True)),
     )
     return [
         hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(signer)),
@@ -265,17 +280,9 @@ def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
 
 def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
     mode = processing_mode_pb2.ProcessingMode
-    ext_proc = ext_proc_pb2.ExternalProcessor(
-        grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                cluster_name=EXTPROC_CLUSTER,
-                max_receive_message_length=wrappers_pb2.UInt32Value(value=4 * BUFFER_LIMIT_BYTES),
-            ),
-            timeout=_duration(options.extproc_message_timeout_s),
-        ),
-        # Fail closed: if the processor is unreachable the request ends in 5xx and is never sent unsigned.
-        failure_mode_allow=False,
-        processing_mode=mode(
+    ext_proc = _processor(
+        options,
+        mode(
             request_header_mode=mode.SEND,
             request_body_mode=mode.BUFFERED,
             request_trailer_mode=mode.SKIP,
@@ -283,18 +290,18 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
             response_body_mode=mode.BUFFERED,
             response_trailer_mode=mode.SKIP,
         ),
-        request_attributes=list(EXTPROC_REQUEST_ATTRIBUTES),
-        message_timeout=_duration(options.extproc_message_timeout_s),
-        # The route was chosen on the client's path; the rewrite to Lambda's Invoke path must not re-route it.
-        route_cache_action=ext_proc_pb2.ExternalProcessor.RETAIN,
-        mutation_rules=mutation_rules_pb2.HeaderMutationRules(
+        mutation_rules_pb2.HeaderMutationRules(
             allow_all_routing=wrappers_pb2.BoolValue(value=True),
             # x-envoy-* headers (x-envoy-external-address, or any a client sent) must not reach the Invoke API.
             allow_envoy=wrappers_pb2.BoolValue(value=True),
             # A mutation the filter refuses must fail the request rather than pass it on half-rewritten.
             disallow_is_error=wrappers_pb2.BoolValue(value=True),
         ),
+        max_receive_bytes=4 * BUFFER_LIMIT_BYTES,
     )
+    ext_proc.request_attributes.extend(EXTPROC_REQUEST_ATTRIBUTES)
+    # The route was chosen on the client's path; the rewrite to Lambda's Invoke path must not re-route it.
+    ext_proc.route_cache_action = ext_proc_pb2.ExternalProcessor.RETAIN
     # Envoy passes a local reply through every encoder filter the route enables, including those that never saw
     # the request. The local rate limit's 429 must not reach ext_proc (it would open a Python stream and read the
     # answer as a broken Lambda one): the matcher skips ext_proc for a 429 that is not Lambda's.
