@@ -76,7 +76,8 @@ def request_time(epoch: float) -> str:
 
 def path_parameters(route: RouteInfo, path: str) -> dict[str, str] | None:
     if route.param_regex is not None:
-        m = route.param_regex.match(path)
+        # Envoy matched the whole path; so must this, or a shorter alternative of a regex would win.
+        m = route.param_regex.fullmatch(path)
         if m is None:
             return None
         params = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}

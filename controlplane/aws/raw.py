@@ -36,10 +36,15 @@ def raw_payload(req: HttpRequest, route: RouteInfo) -> bytes:
     if not req.body.strip():
         return b"{}"
     try:
-        json.loads(req.body)
-    except ValueError as err:
+        # Strict: UTF-8 only (no BOM, no UTF-16), and no NaN/Infinity, which Python accepts and Lambda refuses.
+        json.loads(req.body.decode("utf-8"), parse_constant=_no_constants)
+    except ValueError as err:  # UnicodeDecodeError included
         raise NotJson(f"the body is not JSON ({err})") from None
     return req.body
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def raw_response(payload: bytes) -> HttpResponse:

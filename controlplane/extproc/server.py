@@ -60,7 +60,8 @@ INVOKE_HEADERS = {
     "DryRun": {"content-type": "application/json", "x-amz-invocation-type": "DryRun"},
 }
 # Set on requests of routes with retries: the route whose credentials sign each attempt again. The upstream
-# ext_proc of the retrying cluster reads and removes it; a client's own copy is always removed.
+# ext_proc of the retrying cluster reads it (and leaves it: a retry reuses the headers); a client's own copy is
+# always removed or overwritten.
 RESIGN_HEADER = "x-lambdagate-sign"
 # Tracing headers passed on to the Invoke call (Lambda and X-Ray read X-Amzn-Trace-Id; botocore never signs it).
 TRACE_HEADER = "x-amzn-trace-id"
@@ -365,7 +366,9 @@ class Processor:
             extra.append(_header("traceparent", traceparent.strip().lower()))
         if t.max_retries:
             extra.append(_header(RESIGN_HEADER, t.route_name))
-        kept = {TRACE_HEADER, "traceparent", RESIGN_HEADER, "content-length", *signed}
+        # What this mutation sets is not removed; every other client header is (a client's x-lambdagate-sign or
+        # invalid traceparent included).
+        kept = {"content-length", *signed, *(h.header.key for h in extra)}
         mutation = pb.HeaderMutation(
             set_headers=[
                 _header(":method", "POST"),
@@ -402,6 +405,12 @@ class Processor:
             )
             return self._immediate(json_error(502, "Bad gateway", self.request_id))
         t = self.target.target
+        if not _invokes(t, self.path):
+            # Only an Invoke call of this route is ever signed here, whatever else reached this stream.
+            log.error(
+                "re-signing: %r is not an Invoke path of route %s; refusing", self.path[:200], route_name
+            )
+            return self._immediate(json_error(502, "Bad gateway", self.request_id))
         creds = self._credentials(t)
         if isinstance(creds, pb.ProcessingResponse):
             return creds
@@ -492,6 +501,9 @@ class Processor:
                 out.status = mapped
                 if mapped != 429:
                     out.headers = [(k, v) for k, v in out.headers if k != "retry-after"]
+                elif not any(k == "retry-after" for k, _ in out.headers):
+                    # Every 429 the gateway answers says when to come back.
+                    out.headers.append(("retry-after", "1"))
         if out.log_reason:
             log.error(
                 "request %s: %s: %s: %s (lambda request %s)",
@@ -535,6 +547,13 @@ class Processor:
                 details="lambdagate",
             )
         )
+
+
+def _invokes(t: RouteTarget, path: str) -> bool:
+    """Whether `path` is the Invoke path of one of the route's functions."""
+    if path == t.invoke_path or any(c.invoke_path == path for c in t.choices):
+        return True
+    return t.param_functions is not None and any(f.invoke_path == path for f in t.param_functions.values())
 
 
 def _invoke_headers(t: RouteTarget) -> dict[str, str]:

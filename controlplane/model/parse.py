@@ -25,11 +25,13 @@ from controlplane.model.resources import (
     KIND_UPSTREAM,
     KIND_VIRTUAL_SERVICE,
     LOCAL_ENDPOINT,
+    MAX_MOCK_BODY,
     MAX_RETRIES,
     MAX_TIMEOUT_S,
     PAYLOAD_FORMATS,
     QUALIFIER_RE,
     REGION_RE,
+    RESERVED_MOCK_STATUSES,
     AwsCredentials,
     CorsPolicy,
     Destination,
@@ -521,6 +523,12 @@ def _parse_route(raw: Any, path: str, namespace: str) -> Route:
             raise ConfigError(
                 "a mock route answers by itself; remove destination or mock", field=f"{path}.mock"
             )
+        for key in _mapping(route.get("options"), f"{path}.options"):
+            if key not in MOCK_OPTIONS:
+                raise ConfigError(
+                    f"a mock route invokes nothing; only {' and '.join(MOCK_OPTIONS)} apply to it",
+                    field=f"{path}.options.{key}",
+                )
         return Route(matcher, None, options, _parse_mock(route["mock"], f"{path}.mock"))
     return Route(matcher, _parse_destination(route.get("destination"), path, namespace, matcher), options)
 
@@ -591,15 +599,27 @@ def _parse_destination(raw: Any, path: str, namespace: str, matcher: Matcher) ->
     return Destination(up_name, up_ns, functions=tuple(choices))
 
 
+MOCK_OPTIONS = ("rate_limit", "cors")
+# Headers a route may not set: Envoy refuses the whole route configuration, or replaces them itself.
+MOCK_FORBIDDEN_HEADERS = ("host", "content-length", "transfer-encoding", "connection")
+
+
 def _parse_mock(raw: Any, path: str) -> MockResponse:
     mock = _mapping(raw, path, required=True)
     _no_unknown(mock, ("status", "headers", "body"), path)
     status = _int(mock.get("status", 200), f"{path}.status", 200, 599)
+    if status in RESERVED_MOCK_STATUSES:
+        raise ConfigError(
+            "429 is the rate limit's answer: Envoy would replace this mock's body with its JSON",
+            field=f"{path}.status",
+        )
     headers = []
     for key, value in _mapping(mock.get("headers"), f"{path}.headers").items():
         hpath = f"{path}.headers.{key}"
         if not isinstance(key, str) or not HEADER_NAME_RE.fullmatch(key) or key.startswith(":"):
             raise ConfigError("not a header name", field=hpath)
+        if key.lower() in MOCK_FORBIDDEN_HEADERS:
+            raise ConfigError("Envoy sets this header itself; a route may not", field=hpath)
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"must be a string, got {_typename(value)}", field=hpath)
         text = str(value)
@@ -614,7 +634,7 @@ def _parse_mock(raw: Any, path: str) -> MockResponse:
             headers.append(("content-type", "application/json"))
     elif not isinstance(body, str):
         raise ConfigError(f"must be a string or a mapping, got {_typename(body)}", field=f"{path}.body")
-    if len(body.encode()) > 64 * 1024:
+    if len(body.encode()) > MAX_MOCK_BODY:
         raise ConfigError("at most 64 KiB", field=f"{path}.body")
     return MockResponse(status, tuple(headers), body)
 

@@ -282,6 +282,11 @@ class Destination:
         return (FunctionChoice(self.function, self.function_name, 1),)
 
 
+MAX_MOCK_BODY = 64 * 1024
+# Mock statuses Envoy's local-reply mapping would rewrite (its 429 is the rate limit's JSON answer).
+RESERVED_MOCK_STATUSES = (429,)
+
+
 @dataclass(frozen=True)
 class MockResponse:
     """API Gateway's mock integration: a canned answer, no function."""

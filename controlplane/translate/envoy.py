@@ -50,6 +50,7 @@ from controlplane.model import Config, Matcher
 from controlplane.model.resources import (
     DEFAULT_OPTIONS,
     LOCAL_ENDPOINT,
+    MAX_MOCK_BODY,
     CorsPolicy,
     Destination,
     Endpoint,
@@ -500,8 +501,11 @@ def mock_route(
         name=name,
         match=route_match(matcher),
         direct_response=action,
-        # The mock's own headers come last, so they win over the CORS headers added for it.
-        response_headers_to_add=[_set_header(k, v) for k, v in extra_headers + mock.headers],
+        # The mock's own headers come last, so they win over the CORS headers added for it. Envoy reads these
+        # values as format strings: the mock's are literal text, so their '%' is escaped (a bare one would make
+        # Envoy reject the whole route configuration, and %REQ(...)% would echo request headers).
+        response_headers_to_add=[_set_header(k, v) for k, v in extra_headers]
+        + [_set_header(k, v.replace("%", "%%")) for k, v in mock.headers],
     )
 
 
@@ -675,7 +679,7 @@ def _invocable(up: Upstream, choice: FunctionChoice) -> Invocable | None:
 def retry_policy(retries: int) -> route_components_pb2.RetryPolicy:
     """Lambda's throttling (429) and the Invoke API's own 5xx, with backoff; Retry-After, when sent, wins."""
     return route_components_pb2.RetryPolicy(
-        retry_on="5xx,reset,connect-failure,retriable-status-codes",
+        retry_on="5xx,reset-before-request,connect-failure,retriable-status-codes",
         retriable_status_codes=[429],
         num_retries=wrappers_pb2.UInt32Value(value=retries),
         retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
@@ -824,7 +828,12 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 name=f"{vs.namespace}/{vs.name}", domains=list(vs.domains), routes=routes
             )
         )
-    route_config = route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME, virtual_hosts=vhosts)
+    route_config = route_pb2.RouteConfiguration(
+        name=ROUTE_CONFIG_NAME,
+        virtual_hosts=vhosts,
+        # Envoy refuses a route configuration with a direct response over 4 KiB by default; mocks may hold 64.
+        max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(value=MAX_MOCK_BODY),
+    )
     return Translation(
         clusters=tuple(clusters[k] for k in sorted(clusters)),
         listeners=(listener(options),),

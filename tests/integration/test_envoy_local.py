@@ -321,6 +321,9 @@ def test_only_the_signed_invoke_request_reaches_lambda(tmp_path: Path, loop_thre
                     "X-Envoy-Foo": "1",
                     "Content-Type": "text/plain",
                     "X-Custom": "yes",
+                    # Internal and tracing header names with values lambdagate does not set: removed too.
+                    "X-Lambdagate-Sign": "default/other/0/abc",
+                    "Traceparent": "not-a-traceparent",
                 },
             )
             assert r.status == 200 and r.body == b"recorded"

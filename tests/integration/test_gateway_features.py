@@ -30,7 +30,7 @@ FUNCTIONS = {
     """,
 }
 
-CONFIG = """
+CONFIG_TEMPLATE = """
 apiVersion: v1
 kind: Secret
 metadata: {name: aws}
@@ -70,6 +70,8 @@ spec:
       body: {ok: true, source: mock}
   - matcher: {path: /mock-text}
     mock: {status: 503, body: "down for maintenance"}
+  - matcher: {path: /mock-big}
+    mock: {status: 200, headers: {x-discount: "100%", x-template: "%REQ(authorization)%"}, body: BIG_BODY}
   - matcher: {path: /mock-limited}
     mock: {status: 200, body: once}
     options:
@@ -113,6 +115,7 @@ spec:
     options:
       cors: {allow_origins: ["https://app.example.com"], allow_methods: [PUT]}
 """
+CONFIG = CONFIG_TEMPLATE.replace("BIG_BODY", "x" * 20000)
 
 
 class Stack:
@@ -167,6 +170,11 @@ def test_mock_answers_status_headers_and_body_without_a_function(stack: Stack) -
     assert r.header("x-mock") == "yes" and r.header("cache-control") == "no-store"
     r = http("GET", stack.base + "/mock-text")
     assert (r.status, r.body) == (503, b"down for maintenance")
+    # Bodies over Envoy's default 4 KiB for direct responses, and header values with '%' (literal text, not
+    # Envoy format strings: nothing of the request is echoed) are served, not a rejected route configuration.
+    r = http("GET", stack.base + "/mock-big", headers={"Authorization": "Bearer client-secret"})
+    assert r.status == 200 and r.body == ("x" * 20000).encode()
+    assert r.header("x-discount") == "100%" and r.header("x-template") == "%REQ(authorization)%"
     assert len(stack.invocations()) == before
 
 

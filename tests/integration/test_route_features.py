@@ -131,6 +131,9 @@ spec:
   - matcher: {path: /sleepy-mapped}
     destination: {upstream: lambdas, function: sleepy}
     options: {errors: {function_timeout: 503}}
+  - matcher: {path: /boom-429}
+    destination: {upstream: lambdas, function: boom}
+    options: {errors: {function_error: 429}}
   - matcher: {path: /garbage}
     destination: {upstream: lambdas, function: garbage}
   - matcher: {path: /garbage-mapped}
@@ -191,8 +194,9 @@ def test_raw_payload_format(stack: Stack) -> None:
     assert r.status == 200 and r.json() == {"got": {"name": "rex", "n": [1, 2]}, "fn": "raw"}
     # A body Lambda would refuse is refused before anything is invoked.
     calls = stack.raw_calls()
-    r = http("POST", stack.base + "/raw/7", b"not json", {"content-type": "text/plain"})
-    assert r.status == 400 and r.json()["message"] == "The request body must be JSON"
+    for bad in (b"not json", b'{"n": NaN}', b"\xef\xbb\xbf{}", '{"a": 1}'.encode("utf-16")):
+        r = http("POST", stack.base + "/raw/7", bad, {"content-type": "text/plain"})
+        assert r.status == 400 and r.json()["message"] == "The request body must be JSON", bad
     assert stack.raw_calls() == calls
 
 
@@ -244,6 +248,9 @@ def test_error_mapping_defaults_and_overrides(stack: Stack) -> None:
     assert r.status == 502 and r.json()["message"] == "Internal server error"
     assert "kaboom" not in r.body.decode()
     assert http("GET", stack.base + "/boom-mapped").status == 500
+    # Mapped to 429, an error still says when to come back.
+    r = http("GET", stack.base + "/boom-429")
+    assert r.status == 429 and r.header("retry-after") == "1"
     assert http("GET", stack.base + "/garbage").status == 502
     # The function ran past its own timeout (Lambda's Sandbox.Timedout): 504, or what the route maps it to.
     r = http("GET", stack.base + "/sleepy")

@@ -175,6 +175,12 @@ def test_regex_route_named_groups_become_path_params():
     assert ev["pathParameters"] == {"version": "2", "item": "widgets"}
 
 
+def test_regex_params_match_the_whole_path_as_envoy_does():
+    # Envoy routed /r/fg with this regex; a prefix match would read the shorter alternative, f.
+    ev = build_v1_event(request(path="/r/fg"), route_for({"regex": "/r/(?P<fn>f|fg)"}), NOW)
+    assert ev["pathParameters"] == {"fn": "fg"}
+
+
 def test_binary_body_is_base64():
     png = b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe"
     ev = build_v1_event(

@@ -287,6 +287,15 @@ def test_mock_routes() -> None:
     assert rejected(
         vs_doc(routes=[{"matcher": {"path": "/x"}, "mock": {"headers": {"x": "a\nb"}}}])
     ).field == ("spec.routes[0].mock.headers.x")
+    for bad_mock, field in (
+        ({"status": 429}, "spec.routes[0].mock.status"),
+        ({"headers": {"Host": "x"}}, "spec.routes[0].mock.headers.Host"),
+        ({"headers": {"content-length": "3"}}, "spec.routes[0].mock.headers.content-length"),
+    ):
+        assert rejected(vs_doc(routes=[{"matcher": {"path": "/x"}, "mock": bad_mock}])).field == field
+    # Only rate_limit and cors mean something on a route that invokes nothing.
+    retried_mock = {"matcher": {"path": "/x"}, "mock": {}, "options": {"max_retries": 2}}
+    assert rejected(vs_doc(routes=[retried_mock])).field == "spec.routes[0].options.max_retries"
     # A mock route needs no Upstream, so it resolves on its own.
     only_mock = vs_doc(routes=[{"matcher": {"path": "/health"}, "mock": {}}])
     assert not resolve(parsed(only_mock)).errors
