@@ -8,16 +8,19 @@ token is watched and used again as soon as its file changes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.auth import SIGNED_HEADERS_BLACKLIST
 from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.utils import normalize_url_path
 
 from controlplane.model import AwsCredentials
 
@@ -54,22 +57,81 @@ def sign_invoke(
     body: bytes,
     extra_headers: dict[str, str] | None = None,
     payload_hash: str | None = None,
+    now: float | None = None,
 ) -> dict[str, str]:
     """Sign a POST to Lambda and return the headers to send: Authorization, X-Amz-*, and any extras.
 
-    With `payload_hash` (the body's hex SHA-256) the body is not needed: it is signed through an
-    X-Amz-Content-SHA256 header, which is how an attempt is signed again without the body at hand.
+    SigV4 computed directly (hashlib/hmac), with the signing key cached per day, region and secret: the same
+    bytes botocore's SigV4Auth produces (the tests hold it to botocore for every shape of request we send),
+    without building botocore's request objects on the request path. With `payload_hash` (the body's hex
+    SHA-256) the body is not needed: it is signed through an X-Amz-Content-SHA256 header, which is how an
+    attempt is signed again without the body at hand. `scheme` is part of the URL, not of the signature.
     """
-    headers = {"host": authority}
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    day = amz_date[:8]
+    out: dict[str, str] = {}
     if extra_headers:
-        headers.update(extra_headers)
+        for key, value in extra_headers.items():
+            out[key.lower()] = value
     if payload_hash is not None:
-        headers["X-Amz-Content-SHA256"] = payload_hash
-    request = AWSRequest(method="POST", url=f"{scheme}://{authority}{path}", data=body, headers=headers)
-    SigV4Auth(creds, "lambda", region).add_auth(request)
-    out = {k.lower(): v for k, v in request.headers.items()}
-    out.pop("host", None)
+        out["x-amz-content-sha256"] = payload_hash
+    else:
+        payload_hash = hashlib.sha256(body).hexdigest()
+    out["x-amz-date"] = amz_date
+    if creds.token:
+        out["x-amz-security-token"] = creds.token
+    signed = {k: v for k, v in out.items() if k not in _UNSIGNED}
+    signed["host"] = authority
+    names = sorted(signed)
+    canonical_headers = "".join(f"{k}:{' '.join(signed[k].split())}\n" for k in names)
+    signed_names = ";".join(names)
+    canonical = "\n".join(("POST", *_canonical_target(path), canonical_headers, signed_names, payload_hash))
+    scope = f"{day}/{region}/lambda/aws4_request"
+    to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    signature = hmac.new(_signing_key(creds.secret_key, day, region), to_sign.encode(), hashlib.sha256)
+    out["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, SignedHeaders={signed_names}, "
+        f"Signature={signature.hexdigest()}"
+    )
     return out
+
+
+# Headers botocore's SigV4Auth never signs (its SIGNED_HEADERS_BLACKLIST).
+_UNSIGNED = frozenset(h.lower() for h in SIGNED_HEADERS_BLACKLIST)
+_KEYS: dict[tuple[str, str, str], bytes] = {}
+_TARGETS: dict[str, tuple[str, str]] = {}
+_CACHE_MAX = 1024
+
+
+def _signing_key(secret: str, day: str, region: str) -> bytes:
+    """HMAC(HMAC(HMAC(HMAC("AWS4"+secret, day), region), "lambda"), "aws4_request"), once a day per key."""
+    cache_key = (secret, day, region)
+    key = _KEYS.get(cache_key)
+    if key is None:
+        key = hmac.new(("AWS4" + secret).encode(), day.encode(), hashlib.sha256).digest()
+        for part in (region, "lambda", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        if len(_KEYS) >= _CACHE_MAX:
+            _KEYS.clear()  # old days and rotated keys: cheaper to rebuild than to track
+        _KEYS[cache_key] = key
+    return key
+
+
+def _canonical_target(path: str) -> tuple[str, str]:
+    """(canonical URI, canonical query) of an Invoke path, as botocore builds them: the path normalised and
+    URI-encoded once more (every service but S3), the query's pairs sorted as sent."""
+    target = _TARGETS.get(path)
+    if target is None:
+        raw_path, _, query = path.partition("?")
+        pairs = sorted(pair.partition("=")[::2] for pair in query.split("&")) if query else []
+        target = (
+            quote(normalize_url_path(raw_path), safe="/~"),
+            "&".join(f"{k}={v}" for k, v in pairs),
+        )
+        if len(_TARGETS) >= _CACHE_MAX:
+            _TARGETS.clear()
+        _TARGETS[path] = target
+    return target
 
 
 # How often the web identity token file is looked at (a stat, in a thread), and how long to wait before trying

@@ -303,3 +303,79 @@ def test_default_chain_without_credentials_says_so(monkeypatch, tmp_path):
     chain.load()
     with pytest.raises(CredentialsUnavailable, match="no credentials"):
         chain.current()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# botocore is the reference: sign_invoke computes SigV4 itself (issue 6), and must give botocore's exact bytes.
+
+
+def _botocore_sign(
+    creds_, region, scheme, authority, path, body, extra, payload_hash, when, monkeypatch
+) -> dict[str, str]:
+    import datetime
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+
+    monkeypatch.setattr(
+        botocore.auth,
+        "get_current_datetime",
+        lambda: datetime.datetime.fromtimestamp(when, datetime.timezone.utc).replace(tzinfo=None),
+    )
+    headers = {"host": authority, **extra}
+    if payload_hash is not None:
+        headers["X-Amz-Content-SHA256"] = payload_hash
+    request = AWSRequest(method="POST", url=f"{scheme}://{authority}{path}", data=body, headers=headers)
+    botocore.auth.SigV4Auth(creds_, "lambda", region).add_auth(request)
+    out = {k.lower(): v for k, v in request.headers.items()}
+    out.pop("host", None)
+    return out
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+@pytest.mark.parametrize(
+    "path",
+    [
+        PATH,
+        "/2015-03-31/functions/PetsGet/invocations?Qualifier=%24LATEST",
+        "/2015-03-31/functions/arn%3Aaws%3Alambda%3Aus-east-1%3A123456789012%3Afunction%3Ahello/invocations"
+        "?Qualifier=live",
+        "/2015-03-31/functions/123456789012%3Afunction%3Ahello/invocations?Qualifier=7",
+    ],
+)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"content-type": "application/json"},
+        {"content-type": "application/json", "x-amz-invocation-type": "Event"},
+        {"content-type": "application/json", "x-amz-invocation-type": "DryRun"},
+        {"content-type": "application/json", "x-amz-log-type": "Tail", "x-amzn-trace-id": "Root=1-a-b"},
+    ],
+)
+@pytest.mark.parametrize("body", [b"", b'{"httpMethod":"GET","path":"/pets"}', bytes(range(256))])
+def test_signature_is_botocores(token, path, extra, body, monkeypatch):
+    when = 1_790_000_000.0
+    for authority, payload_hash in (
+        (HOST, None),
+        ("127.0.0.1:9001", None),
+        (HOST, hashlib.sha256(body).hexdigest()),
+    ):
+        ours = sign_invoke(
+            creds(token), "eu-west-1", "https", authority, path, body, extra, payload_hash, when
+        )
+        reference = _botocore_sign(
+            creds(token), "eu-west-1", "https", authority, path, body, extra, payload_hash, when, monkeypatch
+        )
+        assert ours == reference
+
+
+def test_signing_key_follows_the_day_and_the_secret():
+    body = b"{}"
+    day1 = sign_invoke(creds(), "us-east-1", "https", HOST, PATH, body, None, None, 1_790_000_000.0)
+    day2 = sign_invoke(creds(), "us-east-1", "https", HOST, PATH, body, None, None, 1_790_000_000.0 + 86400)
+    assert verify(day1, secret=SECRET_KEY, region="us-east-1", authority=HOST, path=PATH, body=body)
+    assert verify(day2, secret=SECRET_KEY, region="us-east-1", authority=HOST, path=PATH, body=body)
+    rotated = frozen(AwsCredentials(ACCESS_KEY, SECRET_KEY + "2"))
+    other = sign_invoke(rotated, "us-east-1", "https", HOST, PATH, body, None, None, 1_790_000_000.0)
+    assert verify(other, secret=SECRET_KEY + "2", region="us-east-1", authority=HOST, path=PATH, body=body)
+    assert parse_auth(other)["sig"] != parse_auth(day1)["sig"]
