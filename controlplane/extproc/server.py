@@ -47,6 +47,16 @@ from controlplane.model.routes import Invocable, RouteTarget
 
 log = logging.getLogger("lambdagate.extproc")
 
+# The gRPC server options for ext_proc (and the control plane's server, which may serve it too).
+GRPC_OPTIONS = [
+    # Buffered bodies travel in one message: room for a 6 MB Lambda payload, base64 and the event around it.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+]
+
 FILTER_NAME = "envoy.filters.http.ext_proc"
 # Bodies above this are processed in a worker thread (measured: a 6 MB body costs ~60 ms of CPU).
 LARGE_BODY = 256 * 1024
