@@ -125,14 +125,24 @@ class Procs:
             self.procs.pop().stop()
 
 
+def _stat_fields(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may hold spaces; the fields after its closing ')' are fixed.
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (all its threads), from /proc."""
+    """User + system CPU time of a process (all its threads) and of its live children (ext_proc workers)."""
+    total = 0.0
     with contextlib.suppress(OSError, ValueError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        # The command name may hold spaces; the fields after its closing ')' are fixed.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+        fields = _stat_fields(pid)
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(_stat_fields(int(entry.name))[1]) == pid:
+                    total += cpu_seconds(int(entry.name))
+    return total
 
 
 # --- HTTP checks ------------------------------------------------------------------------------------
@@ -619,7 +629,7 @@ def bench_native(procs: Procs, fast_port: int, duration: int, warmup: int) -> Pa
         procs.stop(envoy)
 
 
-def start_lambdagate(procs: Procs, config_dir: Path) -> tuple[Proc, Proc, int]:
+def start_lambdagate(procs: Procs, config_dir: Path, workers: int = 0) -> tuple[Proc, Proc, int]:
     """`lambdagate serve` in its own process (and GIL), as an operator runs it, and an Envoy bootstrapped to it.
 
     Returns (control plane, Envoy, Envoy's HTTP port).
@@ -642,6 +652,7 @@ def start_lambdagate(procs: Procs, config_dir: Path) -> tuple[Proc, Proc, int]:
             "127.0.0.1",
             "--listen-port",
             str(port),
+            *(["--extproc-workers", str(workers)] if workers else []),
         ],
         clean_env(),
     )
@@ -661,8 +672,12 @@ def start_lambdagate(procs: Procs, config_dir: Path) -> tuple[Proc, Proc, int]:
     return cp, envoy, port
 
 
-def bench_lambdagate(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
-    cp, envoy, port = start_lambdagate(procs, lambdagate_config_dir(procs.workdir, fast_port))
+def bench_lambdagate(
+    procs: Procs, fast_port: int, duration: int, warmup: int, workers: int = 0
+) -> PathResult:
+    config = procs.workdir / f"lambdagate-config-{workers}"
+    config.mkdir()
+    cp, envoy, port = start_lambdagate(procs, lambdagate_config_dir(config, fast_port), workers)
     try:
         return measure("c", f"http://127.0.0.1:{port}/", [envoy, cp], duration, warmup)
     finally:
@@ -695,6 +710,23 @@ def table(results: dict[str, PathResult]) -> str:
         lines.append(
             f"| ({key}) {r.name}{flag} | {r.latency.p50_ms:.3f} | {r.latency.p99_ms:.3f} | "
             f"{r.throughput.rps:,.0f} | {_cpu_text(r.throughput)} |"
+        )
+    return "\n".join(lines)
+
+
+def worker_table(curve: dict[int, PathResult], native: PathResult | None) -> str:
+    """Path (c) with N ext_proc worker processes: throughput, latency, and CPU of the control plane + workers."""
+    base = curve.get(min(curve))
+    lines = [
+        "| ext_proc workers | req/s, 16 conns | vs fewest workers | vs (b) native | p50, 1 conn (ms) | CPU (% of a core) |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for n, r in sorted(curve.items()):
+        vs_base = f"{r.throughput.rps / base.throughput.rps:.2f}x" if base and base.throughput.rps else "-"
+        vs_native = f"{100 * r.throughput.rps / native.throughput.rps:.0f}%" if native else "-"
+        lines.append(
+            f"| {n} | {r.throughput.rps:,.0f} | {vs_base} | {vs_native} | {r.latency.p50_ms:.3f} | "
+            f"{_cpu_text(r.throughput)} |"
         )
     return "\n".join(lines)
 
@@ -785,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default="abcd", help="which paths to run, e.g. 'bc' (default abcd)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder of configs and logs")
+    p.add_argument(
+        "--workers",
+        default="",
+        metavar="N,N,...",
+        help="also run path (c) with this many ext_proc worker processes each (e.g. 1,2,4): the worker curve",
+    )
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed; install it with: apt-get install wrk", file=sys.stderr)
@@ -804,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     results: dict[str, PathResult] = {}
+    curve: dict[int, PathResult] = {}
     error: str | None = None
     with workspace(args.keep) as workdir:
         procs = Procs(workdir)
@@ -821,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
             runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate, "d": bench_noop}
             for key in keys:
                 results[key] = runners[key](procs, fast_port, duration, warmup)
+            for n in [int(x) for x in args.workers.split(",") if x.strip()]:
+                curve[n] = bench_lambdagate(procs, fast_port, duration, warmup, workers=n)
         except BenchError as err:
             error = str(err)
         finally:
@@ -843,7 +884,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results) if results else "(no path was measured)")
     print()
     print(ratio_lines(rs))
-    failed = [r for r in results.values() if r.failed]
+    if curve:
+        print()
+        print(worker_table(curve, results.get("b")))
+    failed = [r for r in [*results.values(), *curve.values()] if r.failed]
     for r in failed:
         print(
             f"\nFAILED ({r.key}): non-2xx {r.latency.non_2xx}+{r.throughput.non_2xx}, socket errors "
@@ -860,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
                     "warmup_s": warmup,
                     "paths": {k: asdict(v) | {"failed": v.failed} for k, v in results.items()},
                     "ratios": rs,
+                    "workers": {str(n): asdict(v) | {"failed": v.failed} for n, v in curve.items()},
                     "error": error,
                     "ok": not failed and error is None and len(results) == len(keys),
                 },

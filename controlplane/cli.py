@@ -104,6 +104,7 @@ async def _serve(args: argparse.Namespace) -> int:
             ca_bundle=args.ca_bundle or default_ca_bundle(),
         ),
         local_endpoint=local,
+        extproc_workers=args.extproc_workers,
     )
     stop = asyncio.Event()
     _install_signals(stop)
@@ -220,6 +221,7 @@ async def _up(args: argparse.Namespace) -> int:
             ca_bundle=args.ca_bundle or default_ca_bundle(),
         ),
         local_endpoint=local_endpoint,
+        extproc_workers=args.extproc_workers,
     )
     cp = ControlPlane(settings)
     if local is not None:
@@ -311,6 +313,17 @@ async def _discovery_for_up(
     if cp.last is not None:
         worker.update(cp.last.config)
     await worker.run(stop)
+
+
+def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--extproc-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve ext_proc from N worker processes on the gRPC host (one core each; Envoy balances over "
+        "them); 0: in the control plane process",
+    )
 
 
 def _feed_local_credentials(cp: ControlPlane, local: LocalLambda) -> None:
@@ -452,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often function discovery lists AWS accounts (the local endpoint: every second)",
     )
     up.add_argument("--no-discovery", action="store_true", help="do not run function discovery")
+    _add_workers_arg(up)
 
     serve = sub.add_parser("serve", help="run the control plane (xDS + ext_proc) for an existing Envoy")
     _add_source_args(serve, "writes status")
@@ -470,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen-address", default="0.0.0.0", help="address of Envoy's HTTP listener")
     serve.add_argument("--listen-port", type=int, default=8080, help="port of Envoy's HTTP listener")
     serve.add_argument("--local-lambda-url", default=None, help="what `endpoint: local` means")
+    _add_workers_arg(serve)
     serve.add_argument(
         "--ca-bundle",
         default="/etc/ssl/certs/ca-certificates.crt",

@@ -320,6 +320,7 @@ def control_plane(
     listen_port: int,
     local_endpoint: Any = None,
     kubernetes: Any = None,
+    extproc_workers: int = 0,
 ) -> Iterator[Any]:
     """Our control plane (xDS + ext_proc) on a free port, running until the block ends."""
     from controlplane.app import ControlPlane, Settings
@@ -333,6 +334,7 @@ def control_plane(
         local_endpoint=local_endpoint,
         grace_s=0.5,
         kubernetes=kubernetes,
+        extproc_workers=extproc_workers,
     )
 
     async def make() -> tuple[Any, asyncio.Event]:
@@ -384,7 +386,11 @@ def lay_out(
 
 @contextlib.contextmanager
 def gateway_with_envoy(
-    loop: LoopThread, config_dir: Path, functions: Path, credentials: dict[str, str]
+    loop: LoopThread,
+    config_dir: Path,
+    functions: Path,
+    credentials: dict[str, str],
+    extproc_workers: int = 0,
 ) -> Iterator[tuple[str, Envoy]]:
     """`gateway`, also yielding the Envoy (for its admin API)."""
     from controlplane.locallambda import LocalLambda
@@ -396,7 +402,11 @@ def gateway_with_envoy(
     try:
         with (
             control_plane(
-                loop, config_dir, listen_port=port, local_endpoint=Endpoint("http", "127.0.0.1", lport)
+                loop,
+                config_dir,
+                listen_port=port,
+                local_endpoint=Endpoint("http", "127.0.0.1", lport),
+                extproc_workers=extproc_workers,
             ) as cp,
             Envoy(cp.port) as envoy,
         ):

@@ -45,6 +45,10 @@ class ExtProcWorkers:
 
     async def start(self) -> list[int]:
         """Start the workers; returns the port each one serves ext_proc on."""
+        async with self._lock:
+            return await self._start()
+
+    async def _start(self) -> list[int]:
         # spawn, not fork: the control plane runs grpc and threads, which a forked child must not inherit.
         ctx = multiprocessing.get_context("spawn")
         for i in range(self.count):

@@ -23,6 +23,18 @@ Resource = Secret | Upstream | VirtualService
 
 
 @dataclass
+class ResolveMemo:
+    """What earlier resolve() calls found valid, so that an unchanged VirtualService is not checked route by route
+    again. Only successes are kept, keyed on the very objects checked (they are immutable): the same
+    VirtualService object naming the same Upstream objects passes again."""
+
+    # VirtualService key -> (the object that passed, the Upstreams its routes name as they were then)
+    services: dict[ObjectKey, tuple[VirtualService, tuple[tuple[ObjectKey, Upstream], ...]]] = field(
+        default_factory=dict
+    )
+
+
+@dataclass
 class Resolved:
     config: Config
     # Objects that were rejected, with why. An object may be rejected yet served from its last good version.
@@ -36,6 +48,7 @@ def resolve(
     *,
     previous: Config | None = None,
     local_endpoint: Endpoint | None = None,
+    memo: ResolveMemo | None = None,
 ) -> Resolved:
     errors: dict[ObjectKey, ConfigError] = {}
     kept: set[ObjectKey] = set()
@@ -94,8 +107,28 @@ def resolve(
                 upstreams[prev.key] = prev
 
     claimed_domains: dict[str, ObjectKey] = {}
+    passed = memo.services if memo is not None else {}
+    passing: dict[ObjectKey, tuple[VirtualService, tuple[tuple[ObjectKey, Upstream], ...]]] = {}
 
     def check_vs(vs: VirtualService) -> None:
+        seen = passed.get(vs.key)
+        if seen is not None and seen[0] is vs and all(upstreams.get(k) is up for k, up in seen[1]):
+            passing[vs.key] = seen
+        else:
+            named = check_routes(vs)
+            passing[vs.key] = (vs, tuple(named.items()))
+        for i, domain in enumerate(vs.domains):
+            owner = claimed_domains.get(domain)
+            if owner is not None and owner != vs.key:
+                raise ConfigError(
+                    f"domain {domain!r} is already served by {owner}",
+                    obj=str(vs.key),
+                    field=f"spec.domains[{i}]",
+                )
+
+    def check_routes(vs: VirtualService) -> dict[ObjectKey, Upstream]:
+        """Every route's destination exists; returns the Upstreams the routes name."""
+        named: dict[ObjectKey, Upstream] = {}
         for i, route in enumerate(vs.routes):
             dest = route.destination
             if dest is None:  # a mock route answers by itself
@@ -133,14 +166,8 @@ def resolve(
                         obj=str(vs.key),
                         field=f"{cpath}.function",
                     )
-        for i, domain in enumerate(vs.domains):
-            owner = claimed_domains.get(domain)
-            if owner is not None and owner != vs.key:
-                raise ConfigError(
-                    f"domain {domain!r} is already served by {owner}",
-                    obj=str(vs.key),
-                    field=f"spec.domains[{i}]",
-                )
+            named[up.key] = up
+        return named
 
     services: list[VirtualService] = []
     for vs in sorted((o for o in objects if isinstance(o, VirtualService)), key=lambda o: o.key):
@@ -155,6 +182,8 @@ def resolve(
                 claimed_domains.setdefault(domain, chosen.key)
             services.append(chosen)
 
+    if memo is not None:
+        memo.services = passing
     used_secrets = {
         ObjectKey("Secret", u.namespace, u.secret_ref) for u in upstreams.values() if u.secret_ref
     }

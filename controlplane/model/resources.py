@@ -53,7 +53,7 @@ class Secret:
     # Keys present, for status messages; values stay in `credentials`.
     keys: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property  # looked up many times per load
     def key(self) -> ObjectKey:
         return ObjectKey(KIND_SECRET, self.namespace, self.name)
 
@@ -201,7 +201,7 @@ class Upstream:
     # Defaults for the routes to this Upstream (`spec.options`); a route's own options win field by field.
     options: RouteOptions = RouteOptions()
 
-    @property
+    @functools.cached_property  # looked up many times per load
     def key(self) -> ObjectKey:
         return ObjectKey(KIND_UPSTREAM, self.namespace, self.name)
 
@@ -315,7 +315,7 @@ class VirtualService:
     # API Gateway's stage variables: passed to every function of this service in the event.
     stage_variables: tuple[tuple[str, str], ...] = ()
 
-    @property
+    @functools.cached_property  # looked up many times per load
     def key(self) -> ObjectKey:
         return ObjectKey(KIND_VIRTUAL_SERVICE, self.namespace, self.name)
 
@@ -331,16 +331,26 @@ class Config:
     local_endpoint: Endpoint | None = field(default=None, compare=True)
 
     def upstream(self, namespace: str, name: str) -> Upstream | None:
-        for up in self.upstreams:
-            if up.namespace == namespace and up.name == name:
-                return up
-        return None
+        return self._upstream_index.get((namespace, name))
 
     def secret(self, namespace: str, name: str) -> Secret | None:
+        return self._secret_index.get((namespace, name))
+
+    # Indexes built once per Config (translate looks an Upstream up for each of tens of thousands of routes). The
+    # first of two objects with the same name wins, as a scan in order would find it.
+    @functools.cached_property
+    def _upstream_index(self) -> dict[tuple[str, str], Upstream]:
+        index: dict[tuple[str, str], Upstream] = {}
+        for up in self.upstreams:
+            index.setdefault((up.namespace, up.name), up)
+        return index
+
+    @functools.cached_property
+    def _secret_index(self) -> dict[tuple[str, str], Secret]:
+        index: dict[tuple[str, str], Secret] = {}
         for sec in self.secrets:
-            if sec.namespace == namespace and sec.name == name:
-                return sec
-        return None
+            index.setdefault((sec.namespace, sec.name), sec)
+        return index
 
 
 # Lambda's own pattern for FunctionName in Invoke (name, name:qualifier, full or partial ARN).

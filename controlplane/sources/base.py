@@ -6,12 +6,14 @@ A source (files, Kubernetes) reads documents its own way and hands them to `Last
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from controlplane.model import Config, ConfigError, ObjectKey, Resolved, resolve
 from controlplane.model.parse import Resource
+from controlplane.model.resolve import ResolveMemo
 from controlplane.model.resources import Endpoint, Secret
 
 Origin = TypeVar("Origin")
@@ -26,6 +28,8 @@ class LoadResult:
     secrets: list[Secret] = field(default_factory=list)
     # Every rejected object that can be named, parse and reference errors alike: what status reports.
     rejected: dict[ObjectKey, ConfigError] = field(default_factory=dict)
+    # Seconds spent per phase of the load ("parse", "resolve"), for the log line and benchmarks/scale.py.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def config(self) -> Config:
@@ -44,6 +48,7 @@ class LastGood(Generic[Origin]):
         self.entries: dict[ObjectKey, tuple[Resource, Origin]] = {}
         self.config: Config | None = None
         self._last_error_text: list[str] = []
+        self._memo = ResolveMemo()
 
     def get(self, key: ObjectKey) -> tuple[Resource, Origin] | None:
         return self.entries.get(key)
@@ -61,8 +66,12 @@ class LastGood(Generic[Origin]):
         `objects` holds this pass's parsed objects plus, for those that failed to parse, their last good
         versions (the caller adds them with `get`); `failed` names the objects that failed to parse.
         """
+        started = time.perf_counter()
         resolved = resolve(
-            [o for o, _ in objects.values()], previous=self.config, local_endpoint=self.local_endpoint
+            [o for o, _ in objects.values()],
+            previous=self.config,
+            local_endpoint=self.local_endpoint,
+            memo=self._memo,
         )
         for key in list(resolved.errors):
             if key in objects:
@@ -86,7 +95,9 @@ class LastGood(Generic[Origin]):
         self.config = resolved.config
         secrets = [o for o, _ in objects.values() if isinstance(o, Secret)]
         rejected = {**failed, **resolved.errors}
-        return LoadResult(resolved, parse_errors, secrets, rejected)
+        return LoadResult(
+            resolved, parse_errors, secrets, rejected, timings={"resolve": time.perf_counter() - started}
+        )
 
     def report(self, result: LoadResult, log: logging.Logger, what: str) -> None:
         """Log rejections once per change of the set of errors, not on every reload."""

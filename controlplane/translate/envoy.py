@@ -6,6 +6,7 @@ No I/O: the same Config and options always give byte-identical protos, which gol
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from xds.type.matcher.v3 import regex_pb2 as xds_regex_pb2
 from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from controlplane.addresses import is_ip
-from controlplane.model import Config, Matcher
+from controlplane.model import Config, Matcher, ObjectKey
 from controlplane.model.resources import (
     DEFAULT_OPTIONS,
     LOCAL_ENDPOINT,
@@ -58,13 +59,14 @@ from controlplane.model.resources import (
     MockResponse,
     RateLimit,
     RouteOptions,
+    Secret,
     Upstream,
     VirtualService,
     split_function_name,
 )
 from controlplane.model.routes import Invocable, RouteTarget, invoke_path
 
-__all__ = ["invoke_path", "translate", "TranslateOptions", "Translation"]
+__all__ = ["invoke_path", "translate", "TranslateOptions", "Translation", "Translator"]
 
 LISTENER_NAME = "lambdagate_http"
 ROUTE_CONFIG_NAME = "lambdagate_routes"
@@ -101,6 +103,8 @@ class TranslateOptions:
     listen_port: int = 8080
     extproc_host: str = "127.0.0.1"
     extproc_port: int = 18000
+    # ext_proc worker processes' ports (on extproc_host); when set, they replace extproc_port.
+    extproc_ports: tuple[int, ...] = ()
     ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
     # A Lambda function may run 15 minutes, API Gateway stops at 29 s: the API Gateway figure is what users expect.
     route_timeout_s: float = 30.0
@@ -113,6 +117,8 @@ class Translation:
     listeners: tuple[listener_pb2.Listener, ...]
     routes: tuple[route_pb2.RouteConfiguration, ...]
     route_table: dict[str, RouteTarget] = field(default_factory=dict)
+    # Deterministic encodings of some resources (type URL -> name -> bytes), known without serializing them again.
+    serialized: dict[str, dict[str, bytes]] = field(default_factory=dict, compare=False, repr=False)
 
     def resources(self) -> dict[str, dict[str, Message]]:
         """Resources keyed by type URL and name, as the xDS cache wants them."""
@@ -160,7 +166,8 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
-def _one_endpoint(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+def _one_endpoint(cluster: str, host: str, *ports: int) -> endpoint_pb2.ClusterLoadAssignment:
+    """One host, on one port or (ext_proc workers) several, balanced round robin."""
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,
         endpoints=[
@@ -169,6 +176,7 @@ def _one_endpoint(cluster: str, host: str, port: int) -> endpoint_pb2.ClusterLoa
                     endpoint_components_pb2.LbEndpoint(
                         endpoint=endpoint_components_pb2.Endpoint(address=_socket_address(host, port))
                     )
+                    for port in ports
                 ]
             )
         ],
@@ -271,7 +279,9 @@ def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
         name=EXTPROC_CLUSTER,
         connect_timeout=_duration(1),
         type=cluster_pb2.Cluster.STATIC if is_ip(options.extproc_host) else cluster_pb2.Cluster.STRICT_DNS,
-        load_assignment=_one_endpoint(EXTPROC_CLUSTER, options.extproc_host, options.extproc_port),
+        load_assignment=_one_endpoint(
+            EXTPROC_CLUSTER, options.extproc_host, *(options.extproc_ports or (options.extproc_port,))
+        ),
     )
     cluster.typed_extension_protocol_options[
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -374,6 +384,22 @@ def _enable(config: Message) -> any_pb2.Any:
 def _extproc_enabled() -> dict[str, any_pb2.Any]:
     per_route = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides())
     return {EXTPROC_FILTER: _enable(per_route)}
+
+
+# The same for every Lambda route: built once, copied into each route by the Route constructor.
+_EXTPROC_ENABLED = _extproc_enabled()
+
+
+@functools.lru_cache(maxsize=1024)
+def _effective_options(route: RouteOptions, upstream: RouteOptions) -> RouteOptions:
+    """A route's options over its Upstream's over the defaults; routes mostly share a handful of combinations."""
+    return route.over(upstream).over(DEFAULT_OPTIONS)
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> duration_pb2.Duration:
+    """A route timeout, built once per value and copied into each RouteAction (never mutate it)."""
+    return _duration(seconds)
 
 
 def cors_filter() -> hcm_pb2.HttpFilter:
@@ -713,12 +739,136 @@ def _mock_routes(
 
 
 def translate(config: Config, options: TranslateOptions) -> Translation:
-    clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc_cluster(options)}
-    vhosts: list[route_components_pb2.VirtualHost] = []
-    table: dict[str, RouteTarget] = {}
-    param_tables: dict[tuple[str, str], dict[str, Invocable]] = {}
-    for vs in config.virtual_services:
+    """Translate a Config from scratch (a Translator that remembers nothing)."""
+    return Translator().translate(config, options)
+
+
+@dataclass
+class _Service:
+    """One VirtualService translated, with everything its translation read, to tell when it must be done again."""
+
+    vs: VirtualService
+    options: TranslateOptions
+    local_endpoint: Endpoint | None
+    # Each Upstream its routes name, in the order first named: (namespace, name, the Upstream, its Secret).
+    deps: tuple[tuple[str, str, Upstream | None, Secret | None], ...]
+    # Its virtual host, deterministically encoded (the message itself is not kept: the route configuration
+    # parsed from these bytes holds it).
+    vhost_bytes: bytes
+    table: dict[str, RouteTarget]
+    # The Lambda clusters its routes use: name -> (endpoint, re-signing).
+    clusters: dict[str, tuple[Endpoint, bool]]
+
+
+class Translator:
+    """`translate` that remembers its work: a VirtualService whose inputs (the object itself, the Upstreams and
+    Secrets its routes name, the options) are the same objects, or equal ones, as in the previous call is not
+    translated again, and its serialized virtual host is reused. The result is exactly what `translate` gives.
+
+    The protos it returns are shared with later results: treat them as immutable."""
+
+    def __init__(self) -> None:
+        self._services: dict[ObjectKey, _Service] = {}
+        self._clusters: dict[tuple[str, Endpoint, bool, TranslateOptions], cluster_pb2.Cluster] = {}
+        self._static: tuple[TranslateOptions, cluster_pb2.Cluster, listener_pb2.Listener] | None = None
+        # function_param routes share one name table per Upstream object.
+        self._params: dict[tuple[str, str], tuple[Upstream, dict[str, Invocable]]] = {}
+        self.translated = 0  # VirtualServices translated (not reused) by the last call, for tests and logs
+
+    def translate(self, config: Config, options: TranslateOptions) -> Translation:
+        if self._static is None or self._static[0] != options:
+            self._static = (options, extproc_cluster(options), listener(options))
+        _, extproc, http_listener = self._static
+        clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc}
+        cluster_cache: dict[tuple[str, Endpoint, bool, TranslateOptions], cluster_pb2.Cluster] = {}
+        services: dict[ObjectKey, _Service] = {}
+        table: dict[str, RouteTarget] = {}
+        vhost_bytes: list[bytes] = []
+        same: dict[tuple[int, int], bool] = {}
+        self.translated = 0
+        for vs in config.virtual_services:
+            svc = self._services.get(vs.key)
+            if svc is None or not self._unchanged(svc, vs, config, options, same):
+                svc = self._translate_service(vs, config, options)
+                self.translated += 1
+            services[vs.key] = svc
+            vhost_bytes.append(svc.vhost_bytes)
+            table.update(svc.table)
+            for cname, (ep, resign) in svc.clusters.items():
+                if cname in clusters:
+                    continue
+                ckey = (cname, ep, resign, options)
+                cluster = self._clusters.get(ckey)
+                if cluster is None:
+                    cluster = lambda_cluster(ep, options, resign=resign)
+                cluster_cache[ckey] = clusters[cname] = cluster
+        self._services, self._clusters = services, cluster_cache
+        self._params = {k: v for k, v in self._params.items() if config.upstream(*k) is v[0]}
+        # The route configuration is assembled from the virtual hosts' serialized bytes (a repeated field is its
+        # elements' encodings one after another), then parsed: cheaper than copying ten thousand routes.
+        data = route_config_bytes(vhost_bytes)
+        return Translation(
+            clusters=tuple(clusters[k] for k in sorted(clusters)),
+            listeners=(http_listener,),
+            routes=(route_pb2.RouteConfiguration.FromString(data),),
+            route_table=table,
+            serialized={ROUTE_TYPE: {ROUTE_CONFIG_NAME: data}},
+        )
+
+    @staticmethod
+    def _unchanged(
+        svc: _Service,
+        vs: VirtualService,
+        config: Config,
+        options: TranslateOptions,
+        same: dict[tuple[int, int], bool],
+    ) -> bool:
+        def equal(a: object, b: object) -> bool:
+            if a is b:
+                return True
+            if a is None or b is None:
+                return False
+            key = (id(a), id(b))
+            if key not in same:
+                same[key] = a == b
+            return same[key]
+
+        if (
+            not (svc.options is options or svc.options == options)
+            or svc.local_endpoint != config.local_endpoint
+        ):
+            return False
+        if not equal(svc.vs, vs):
+            return False
+        for namespace, name, up, secret in svc.deps:
+            now = config.upstream(namespace, name)
+            if not equal(up, now):
+                return False
+            now_secret = (
+                config.secret(now.namespace, now.secret_ref) if now is not None and now.secret_ref else None
+            )
+            if not equal(secret, now_secret):
+                return False
+        return True
+
+    def _param_functions(self, up: Upstream) -> dict[str, Invocable]:
+        key = (up.namespace, up.name)
+        kept = self._params.get(key)
+        if kept is not None and kept[0] is up:
+            return kept[1]
+        names = {
+            name: inv
+            for name in up.function_names()
+            if (inv := _invocable(up, FunctionChoice(name))) is not None
+        }
+        self._params[key] = (up, names)
+        return names
+
+    def _translate_service(self, vs: VirtualService, config: Config, options: TranslateOptions) -> _Service:
         routes: list[route_components_pb2.Route] = []
+        table: dict[str, RouteTarget] = {}
+        clusters: dict[str, tuple[Endpoint, bool]] = {}
+        deps: dict[tuple[str, str], tuple[str, str, Upstream | None, Secret | None]] = {}
         for i, route in enumerate(vs.routes):
             dest = route.destination
             if dest is None:
@@ -726,6 +876,10 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                     routes.extend(_mock_routes(vs, i, route.matcher, route.mock, route.options))
                 continue
             up = config.upstream(dest.upstream_namespace, dest.upstream)
+            secret = config.secret(up.namespace, up.secret_ref) if up is not None and up.secret_ref else None
+            deps.setdefault(
+                (dest.upstream_namespace, dest.upstream), (dest.upstream_namespace, dest.upstream, up, secret)
+            )
             if up is None:  # resolve() guarantees it; translate stays total anyway
                 continue
             choices = [_invocable(up, c) for c in dest.choices()]
@@ -733,23 +887,14 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                 continue
             invocables = [c for c in choices if c is not None]
             ep = upstream_endpoint(up, config)
-            opts = route.options.over(up.options).over(DEFAULT_OPTIONS)
+            opts = _effective_options(route.options, up.options)
             retries = opts.max_retries or 0
             # Retried routes go through the cluster whose upstream ext_proc signs each attempt again.
             cname = cluster_name(ep) + (RESIGN_SUFFIX if retries else "")
-            if cname not in clusters:
-                clusters[cname] = lambda_cluster(ep, options, resign=bool(retries))
-            secret = config.secret(up.namespace, up.secret_ref) if up.secret_ref else None
+            clusters.setdefault(cname, (ep, bool(retries)))
             param_functions = None
             if dest.function_param is not None:
-                ukey = (up.namespace, up.name)
-                if ukey not in param_tables:
-                    param_tables[ukey] = {
-                        name: inv
-                        for name in up.function_names()
-                        if (inv := _invocable(up, FunctionChoice(name))) is not None
-                    }
-                param_functions = param_tables[ukey]
+                param_functions = self._param_functions(up)
             first = next((c for c in invocables if c.weight), None) or Invocable(
                 f"{{{dest.function_param}}}", "", None, ""
             )
@@ -806,7 +951,7 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
             )
             action = route_components_pb2.RouteAction(
                 cluster=cname,
-                timeout=_duration(opts.timeout_s or options.route_timeout_s),
+                timeout=_timeout(opts.timeout_s or options.route_timeout_s),
             )
             if retries:
                 action.retry_policy.CopyFrom(retry_policy(retries))
@@ -819,24 +964,52 @@ def translate(config: Config, options: TranslateOptions) -> Translation:
                     route=action,
                     typed_per_filter_config={
                         **_gateway_filters(opts, route.matcher),
-                        **_extproc_enabled(),
+                        **_EXTPROC_ENABLED,
                     },
                 )
             )
-        vhosts.append(
-            route_components_pb2.VirtualHost(
-                name=f"{vs.namespace}/{vs.name}", domains=list(vs.domains), routes=routes
-            )
+        vhost = route_components_pb2.VirtualHost(
+            name=f"{vs.namespace}/{vs.name}", domains=list(vs.domains), routes=routes
         )
-    route_config = route_pb2.RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=vhosts,
+        return _Service(
+            vs=vs,
+            options=options,
+            local_endpoint=config.local_endpoint,
+            deps=tuple(deps.values()),
+            vhost_bytes=vhost.SerializeToString(deterministic=True),
+            table=table,
+            clusters=clusters,
+        )
+
+
+def _route_config_shell() -> tuple[bytes, bytes]:
+    """The route configuration's encoding before and after its virtual hosts (field 2): the name (field 1), and
+    the fields numbered above 2, which a deterministic encoding writes after them."""
+    head = route_pb2.RouteConfiguration(name=ROUTE_CONFIG_NAME).SerializeToString(deterministic=True)
+    tail = route_pb2.RouteConfiguration(
         # Envoy refuses a route configuration with a direct response over 4 KiB by default; mocks may hold 64.
         max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(value=MAX_MOCK_BODY),
-    )
-    return Translation(
-        clusters=tuple(clusters[k] for k in sorted(clusters)),
-        listeners=(listener(options),),
-        routes=(route_config,),
-        route_table=table,
-    )
+    ).SerializeToString(deterministic=True)
+    return head, tail
+
+
+_ROUTE_CONFIG_HEAD, _ROUTE_CONFIG_TAIL = _route_config_shell()
+_VIRTUAL_HOSTS_TAG = b"\x12"  # field 2, length-delimited
+
+
+def route_config_bytes(vhosts: list[bytes]) -> bytes:
+    """The deterministic encoding of the route configuration holding these (deterministically encoded) hosts."""
+    parts = [_ROUTE_CONFIG_HEAD]
+    for data in vhosts:
+        parts += (_VIRTUAL_HOSTS_TAG, _varint(len(data)), data)
+    parts.append(_ROUTE_CONFIG_TAIL)
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

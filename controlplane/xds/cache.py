@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -31,27 +32,54 @@ class Snapshot:
     versions: Mapping[str, str]
     # Serialized form, computed once per snapshot rather than once per stream.
     serialized: Mapping[str, Mapping[str, bytes]] = field(repr=False)
+    # sha256 of each serialized resource, which the type's version hashes.
+    digests: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, resources: Mapping[str, Mapping[str, Message]]) -> Snapshot:
+    def build(
+        cls,
+        resources: Mapping[str, Mapping[str, Message]],
+        *,
+        serialized: Mapping[str, Mapping[str, bytes]] | None = None,
+        previous: Snapshot | None = None,
+    ) -> Snapshot:
+        """A snapshot of these resources. `serialized` gives deterministic encodings already known (they must be
+        exactly what SerializeToString(deterministic=True) gives). A resource that is the very same object as in
+        `previous` reuses its encoding and digest: resources are treated as immutable once in a snapshot."""
         versions: dict[str, str] = {}
-        serialized: dict[str, dict[str, bytes]] = {}
+        encoded: dict[str, dict[str, bytes]] = {}
+        digests: dict[str, dict[str, bytes]] = {}
         for type_url, by_name in resources.items():
+            known = serialized.get(type_url, {}) if serialized is not None else {}
+            before = previous.resources.get(type_url, {}) if previous is not None else {}
             digest = hashlib.sha256()
             ser: dict[str, bytes] = {}
+            dig: dict[str, bytes] = {}
             for name in sorted(by_name):
-                data = by_name[name].SerializeToString(deterministic=True)
+                msg = by_name[name]
+                data = known.get(name)
+                one = None
+                if data is None and previous is not None and before.get(name) is msg:
+                    data = previous.serialized[type_url][name]
+                    one = previous.digests.get(type_url, {}).get(name)
+                if data is None:
+                    data = msg.SerializeToString(deterministic=True)
+                if one is None:
+                    one = hashlib.sha256(data).digest()
                 ser[name] = data
+                dig[name] = one
                 digest.update(name.encode())
                 digest.update(b"\0")
-                digest.update(hashlib.sha256(data).digest())
-            serialized[type_url] = ser
+                digest.update(one)
+            encoded[type_url] = ser
+            digests[type_url] = dig
             # A content hash: the same resources always get the same version, so an unchanged type is never resent.
             versions[type_url] = digest.hexdigest()[:16]
         snap = cls(
             MappingProxyType({k: MappingProxyType(dict(v)) for k, v in resources.items()}),
             MappingProxyType(versions),
-            MappingProxyType({k: MappingProxyType(v) for k, v in serialized.items()}),
+            MappingProxyType({k: MappingProxyType(v) for k, v in encoded.items()}),
+            MappingProxyType({k: MappingProxyType(v) for k, v in digests.items()}),
         )
         snap.check_consistency()
         return snap
@@ -82,6 +110,8 @@ class SnapshotCache:
         self._snapshot: Snapshot | None = None
         self._serial = 0
         self._changed = asyncio.Event()
+        # When the current snapshot was set (time.monotonic()), for the ACK's log line.
+        self.set_at = 0.0
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -94,6 +124,7 @@ class SnapshotCache:
     def set_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
         self._serial += 1
+        self.set_at = time.monotonic()
         # Wake every waiting stream at once; each then compares versions itself.
         event, self._changed = self._changed, asyncio.Event()
         event.set()

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
 
 from controlplane.xds.cache import TYPE_ORDER, Snapshot, SnapshotCache
 
@@ -117,10 +116,21 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 serial = self.cache.serial
                 if snapshot is not None:
                     responses = self._responses(snapshot, states)
-                    if responses:
-                        self._state_changed()
                     for response in responses:
                         yield response
+                        if log.isEnabledFor(logging.DEBUG):
+                            log.debug(
+                                "sent %s version %s to %s: %d resource(s), %d bytes",
+                                response.type_url.rsplit(".", 1)[-1],
+                                response.version_info,
+                                node.node_id if node is not None else context.peer(),
+                                len(response.resources),
+                                response.ByteSize(),
+                            )
+                    if responses:
+                        # After sending, not before: the callback (ext_proc forgetting route generations no Envoy
+                        # holds) never delays a push, and the version just sent is the current one, always kept.
+                        self._state_changed()
                 get = asyncio.create_task(requests.get())
                 newer = asyncio.create_task(self.cache.wait_newer(serial))
                 waiters: set[asyncio.Task[Any]] = {get, newer}
@@ -175,7 +185,17 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 st.acked_version = req.version_info
                 node.acked[type_url] = req.version_info
                 node.nacked.pop(type_url, None)
-                log.debug("Envoy %s ACKed %s version %s", node.node_id, short, req.version_info)
+                current = self.cache.snapshot
+                if current is not None and current.versions.get(type_url) == req.version_info:
+                    log.debug(
+                        "Envoy %s ACKed %s version %s, %.1f ms after that snapshot was set",
+                        node.node_id,
+                        short,
+                        req.version_info,
+                        1000 * (time.monotonic() - self.cache.set_at),
+                    )
+                else:
+                    log.debug("Envoy %s ACKed %s version %s", node.node_id, short, req.version_info)
                 self._note_ack()
         st.names = frozenset(req.resource_names)
         st.open = True
@@ -202,7 +222,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 version_info=version, type_url=type_url, nonce=self._next_nonce()
             )
             for name in names:
-                resp.resources.append(any_pb2.Any(type_url=type_url, value=serialized[name]))
+                resp.resources.add(type_url=type_url, value=serialized[name])  # one copy of each resource
             st.sent_version = version
             st.sent_names = st.names
             st.nonce = resp.nonce
