@@ -1,0 +1,129 @@
+"""Memory under steady load: lambdagate's ext_proc path driven for minutes, its RSS sampled as it goes.
+
+`python benchmarks/soak.py [--minutes 10] [--connections 4] [--workers 0]` starts the same stand-in Lambda
+endpoint, `lambdagate serve` and Envoy as benchmarks/run.py's path (c), runs wrk for the whole time, samples the
+resident memory of the control plane (and its ext_proc workers) every few seconds, and prints the RSS at the
+start of the load (after a warm-up minute), at the end and at its peak, with the change in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import (  # noqa: E402
+    Procs,
+    clean_env,
+    fast_lambda_config,
+    free_port,
+    get,
+    lambdagate_config_dir,
+    start_envoy,
+    start_lambdagate,
+    verify,
+    wait_for,
+    workspace,
+)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the ext_proc workers), in MB."""
+    total = 0
+    pids = [pid] + [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(int(p.name)) == pid
+    ]
+    for p in pids:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+def _ppid(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[1])
+    return -1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the measured load (default 10)")
+    p.add_argument(
+        "--warmup", type=float, default=60.0, help="seconds of load before the first sample counts"
+    )
+    p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
+    p.add_argument("--workers", type=int, default=0, help="ext_proc worker processes (default 0: in-process)")
+    p.add_argument("--every", type=float, default=5.0, help="seconds between RSS samples")
+    args = p.parse_args(argv)
+    total_s = args.warmup + args.minutes * 60
+    with workspace(False) as workdir:
+        procs = Procs(workdir)
+        try:
+            fast_port, fast_admin = free_port(), free_port()
+            fast = start_envoy(
+                procs, "envoy-fast-lambda", fast_lambda_config(fast_port, fast_admin), clean_env()
+            )
+            wait_for(
+                "the fast Lambda endpoint",
+                lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403,
+                [fast],
+            )
+            config = workdir / "soak-config"
+            config.mkdir()
+            cp, envoy, port = start_lambdagate(procs, lambdagate_config_dir(config, fast_port), args.workers)
+            url = f"http://127.0.0.1:{port}/"
+            verify("c", url, [cp, envoy])
+            wrk = subprocess.Popen(
+                ["wrk", "-t1", f"-c{args.connections}", f"-d{int(total_s)}s", url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            samples: list[tuple[float, float]] = []
+            t0 = time.monotonic()
+            stop = threading.Event()
+            while wrk.poll() is None and not stop.is_set():
+                samples.append((time.monotonic() - t0, rss_mb(cp.pid)))
+                time.sleep(args.every)
+            out = wrk.communicate()[0]
+        finally:
+            procs.stop_all()
+    counted = [(t, m) for t, m in samples if t >= args.warmup]
+    if len(counted) < 2:
+        print("too few samples; is wrk installed and did the load run?", file=sys.stderr)
+        print(out)
+        return 1
+    start, end = counted[0][1], counted[-1][1]
+    peak = max(m for _, m in counted)
+    change = 100 * (end - start) / start
+    rps = next((line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec:")), "?")
+    non2xx = next((line for line in out.splitlines() if "Non-2xx" in line), "")
+    print(
+        f"load: wrk -t1 -c{args.connections} for {total_s:.0f} s ({args.warmup:.0f} s warm-up), {rps} req/s {non2xx}"
+    )
+    print(f"workers: {args.workers}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print()
+    print("| control plane RSS (MB) | at start of the measured load | at the end | peak | change |")
+    print("|---|---:|---:|---:|---:|")
+    print(
+        f"| lambdagate{' + workers' if args.workers else ''} | {start:.1f} | {end:.1f} | {peak:.1f} | {change:+.1f}% |"
+    )
+    print()
+    print(
+        "samples (s, MB): " + ", ".join(f"{t:.0f}:{m:.1f}" for t, m in counted[:: max(1, len(counted) // 12)])
+    )
+    return 0 if abs(change) <= 10 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
