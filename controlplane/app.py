@@ -45,6 +45,8 @@ class Settings:
     kubernetes: KubeSettings | None = None
     # ext_proc in this many worker processes (0: in this process, on the control plane's gRPC port).
     extproc_workers: int = 0
+    # Replace a worker after this many streams (0: never); bounds grpc.aio's native leak (see extproc/workers.py).
+    extproc_recycle_after: int = 0
     # No garbage collection until the first configuration is applied, then gc.freeze(); None: when the control
     # plane runs on the main thread, i.e. owns the process (`lambdagate serve` and `up`), not when embedded (tests).
     freeze_gc: bool | None = None
@@ -87,8 +89,14 @@ class ControlPlane:
         self._chain_task: asyncio.Task[None] | None = None
         self._roles_task: asyncio.Task[None] | None = None
         self._gc_paused = False
+        # Workers listen where Envoy reaches this process's own gRPC port (loopback when that is a wildcard).
+        worker_host = "127.0.0.1" if settings.grpc_host in ("0.0.0.0", "", "::") else settings.grpc_host
         self.workers = (
-            ExtProcWorkers(settings.extproc_workers, settings.grpc_host) if settings.extproc_workers else None
+            ExtProcWorkers(
+                settings.extproc_workers, worker_host, recycle_after=settings.extproc_recycle_after
+            )
+            if settings.extproc_workers
+            else None
         )
         self._retain_task: asyncio.Task[None] | None = None
         self._pending_retain: set[str] | None = None
@@ -114,7 +122,7 @@ class ControlPlane:
         options = self.settings.translate
         if self.workers is not None:
             options = replace(
-                options, extproc_host=self.settings.grpc_host, extproc_ports=tuple(self.workers.ports)
+                options, extproc_host=self.workers.host, extproc_ports=tuple(self.workers.ports)
             )
         elif options.extproc_port == 0:
             # ext_proc is served on this process's own gRPC port unless told otherwise.
@@ -209,6 +217,8 @@ class ControlPlane:
             # then finds nothing, 110 ms of 1,000 files' load); apply() turns it back on and freezes what stays.
             gc.disable()
             self._gc_paused = True
+        if self.workers is not None and self.workers.recycle_after:
+            self._tasks.append(asyncio.create_task(self._recycle_workers(stop)))
         watcher = asyncio.create_task(self.source.watch(self.apply, stop=stop))
         watcher.add_done_callback(_log_failure)
         self._tasks.append(watcher)
@@ -239,6 +249,20 @@ class ControlPlane:
             self._pending_retain = in_use
             if self._retain_task is None or self._retain_task.done():
                 self._retain_task = asyncio.create_task(self._retain_workers())
+
+    async def _recycle_workers(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
+        assert self.workers is not None
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set():
+                return
+            try:
+                await self.workers.recycle_worn()
+            except Exception as err:  # noqa: BLE001 - the old worker keeps serving; try again later
+                log.warning("ext_proc workers: replacing a worn worker failed: %s", err)
 
     async def _retain_workers(self) -> None:
         assert self.workers is not None

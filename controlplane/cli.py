@@ -105,6 +105,7 @@ async def _serve(args: argparse.Namespace) -> int:
         ),
         local_endpoint=local,
         extproc_workers=args.extproc_workers,
+        extproc_recycle_after=args.extproc_recycle_after,
     )
     stop = asyncio.Event()
     _install_signals(stop)
@@ -222,6 +223,7 @@ async def _up(args: argparse.Namespace) -> int:
         ),
         local_endpoint=local_endpoint,
         extproc_workers=args.extproc_workers,
+        extproc_recycle_after=args.extproc_recycle_after,
     )
     cp = ControlPlane(settings)
     if local is not None:
@@ -323,6 +325,13 @@ def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="serve ext_proc from N worker processes on the gRPC host (one core each; Envoy balances over "
         "them); 0: in the control plane process",
+    )
+    parser.add_argument(
+        "--extproc-recycle-after",
+        type=int,
+        default=50_000,
+        metavar="STREAMS",
+        help="replace a worker process after this many requests, on the same port (bounds memory; 0: never)",
     )
 
 

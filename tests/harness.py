@@ -321,6 +321,7 @@ def control_plane(
     local_endpoint: Any = None,
     kubernetes: Any = None,
     extproc_workers: int = 0,
+    extproc_recycle_after: int = 0,
 ) -> Iterator[Any]:
     """Our control plane (xDS + ext_proc) on a free port, running until the block ends."""
     from controlplane.app import ControlPlane, Settings
@@ -335,6 +336,7 @@ def control_plane(
         grace_s=0.5,
         kubernetes=kubernetes,
         extproc_workers=extproc_workers,
+        extproc_recycle_after=extproc_recycle_after,
     )
 
     async def make() -> tuple[Any, asyncio.Event]:
@@ -391,6 +393,7 @@ def gateway_with_envoy(
     functions: Path,
     credentials: dict[str, str],
     extproc_workers: int = 0,
+    extproc_recycle_after: int = 0,
 ) -> Iterator[tuple[str, Envoy]]:
     """`gateway`, also yielding the Envoy (for its admin API)."""
     from controlplane.locallambda import LocalLambda
@@ -407,6 +410,7 @@ def gateway_with_envoy(
                 listen_port=port,
                 local_endpoint=Endpoint("http", "127.0.0.1", lport),
                 extproc_workers=extproc_workers,
+                extproc_recycle_after=extproc_recycle_after,
             ) as cp,
             Envoy(cp.port) as envoy,
         ):

@@ -621,11 +621,13 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, routes: RouteTable, default_chain: DefaultChain) -> None:
         self.routes = routes
         self.default_chain = default_chain
+        self.streams = 0  # streams started, for recycling worker processes
 
     async def Process(  # noqa: N802 (gRPC's name)
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ProcessingResponse]:
         proc = Processor(self)
+        self.streams += 1
         async for req in request_iterator:
             which = req.WhichOneof("request")
             try:

@@ -4,7 +4,9 @@ Envoy routes with them, and the request path is the same as with one process."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from harness import Envoy, LoopThread, gateway_with_envoy, http, lay_out, wait_until
@@ -91,3 +93,35 @@ def test_a_route_change_reaches_every_worker_before_envoy(stack: tuple[str, Envo
     assert statuses == {200}
     config.write_text(CONFIG)
     wait_until(lambda: http("GET", f"{url}/items/1").status == 200, what="the route back")
+
+
+def test_worn_workers_are_replaced_without_failing_requests(tmp_path: Path) -> None:
+    """A worker replaced after 10 streams, on the same port, while requests keep coming: none fails."""
+    loop_thread = LoopThread()
+    functions, folder = lay_out(tmp_path, FUNCTIONS, CONFIG)
+    try:
+        with gateway_with_envoy(
+            loop_thread,
+            folder,
+            functions,
+            {"AKIDWORKERS": SECRET},
+            extproc_workers=1,
+            extproc_recycle_after=10,
+        ) as (url, envoy):
+            # The control plane checks every 5 s; 12 s of steady requests spans at least two replacements.
+            deadline = time.monotonic() + 12
+            statuses = []
+            while time.monotonic() < deadline:
+                statuses.append(http("GET", f"{url}/items/1").status)
+                time.sleep(0.02)
+            assert set(statuses) == {200}, statuses
+            assert len(_streams_per_worker(envoy)) == 1
+            # Each replacement ends the old worker's connection (GOAWAY); Envoy connects again, to the new one.
+            connections = sum(
+                int(line.rsplit("::", 1)[1])
+                for line in envoy.admin("/clusters").splitlines()
+                if line.startswith("lambdagate_extproc::") and "::cx_total::" in line
+            )
+            assert connections >= 3, connections
+    finally:
+        loop_thread.close()

@@ -85,3 +85,27 @@ def test_a_worker_that_cannot_start_fails_the_start() -> None:
             await workers.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_worn_worker_is_replaced_on_the_same_port_with_every_table() -> None:
+    async def scenario() -> None:
+        workers = ExtProcWorkers(1, recycle_after=3)
+        try:
+            (port,) = await workers.start()
+            table, version = _route_table()
+            (name,) = table
+            await workers.update(table, version, default_chain=False)
+            first_pid = workers._procs[0].pid
+            assert await workers.recycle_worn() == 0  # not worn yet
+            for _ in range(3):
+                await _one_request(port, name)
+            assert await workers.recycle_worn() == 1
+            assert workers.ports == [port] and workers._procs[0].pid != first_pid
+            # The newcomer serves the same routes on the same port.
+            answer = await _one_request(port, name)
+            assert answer.request_headers.response.header_mutation.set_headers
+            assert await workers.recycle_worn() == 0  # its count starts again
+        finally:
+            await workers.stop()
+
+    asyncio.run(scenario())
