@@ -131,18 +131,24 @@ def _stat_fields(pid: int) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (ext_proc workers of a control plane)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(_stat_fields(int(entry.name))[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads) and of its live children (ext_proc workers)."""
     total = 0.0
     with contextlib.suppress(OSError, ValueError, IndexError):
         fields = _stat_fields(pid)
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                if int(_stat_fields(int(entry.name))[1]) == pid:
-                    total += cpu_seconds(int(entry.name))
-    return total
+    return total + sum(cpu_seconds(child) for child in children(pid))
 
 
 # --- HTTP checks ------------------------------------------------------------------------------------
@@ -538,6 +544,15 @@ def start_envoy(procs: Procs, name: str, config: str, env: dict[str, str] | None
     )
 
 
+def start_fast_lambda(procs: Procs) -> int:
+    """The stand-in Lambda endpoint every path is measured against; returns its port once it answers."""
+    fast_port, fast_admin = free_port(), free_port()
+    fast = start_envoy(procs, "envoy-fast-lambda", fast_lambda_config(fast_port, fast_admin), clean_env())
+    # Unmarked, unsigned requests get its 403: answering at all is what "up" means here.
+    wait_for("the fast Lambda endpoint", lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403, [fast])
+    return fast_port
+
+
 def clean_env() -> dict[str, str]:
     # Paths (a) and (c) must not see AWS keys from the caller's shell; only (b) is given the fake ones.
     return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -847,16 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     with workspace(args.keep) as workdir:
         procs = Procs(workdir)
         try:
-            fast_port, fast_admin = free_port(), free_port()
-            fast = start_envoy(
-                procs, "envoy-fast-lambda", fast_lambda_config(fast_port, fast_admin), clean_env()
-            )
-            # Unmarked, unsigned requests get its 403: answering at all is what "up" means here.
-            wait_for(
-                "the fast Lambda endpoint",
-                lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403,
-                [fast],
-            )
+            fast_port = start_fast_lambda(procs)
             runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate, "d": bench_noop}
             for key in keys:
                 results[key] = runners[key](procs, fast_port, duration, warmup)

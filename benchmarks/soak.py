@@ -21,15 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import (  # noqa: E402
     Procs,
-    clean_env,
-    fast_lambda_config,
-    free_port,
-    get,
+    children,
     lambdagate_config_dir,
-    start_envoy,
+    start_fast_lambda,
     start_lambdagate,
     verify,
-    wait_for,
     workspace,
 )
 
@@ -37,22 +33,12 @@ from run import (  # noqa: E402
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (the ext_proc workers), in MB."""
     total = 0
-    pids = [pid] + [
-        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(int(p.name)) == pid
-    ]
-    for p in pids:
+    for p in (pid, *children(pid)):
         with contextlib.suppress(OSError, ValueError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
     return total / 1024
-
-
-def _ppid(pid: int) -> int:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2 :].split()[1])
-    return -1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with workspace(False) as workdir:
         procs = Procs(workdir)
         try:
-            fast_port, fast_admin = free_port(), free_port()
-            fast = start_envoy(
-                procs, "envoy-fast-lambda", fast_lambda_config(fast_port, fast_admin), clean_env()
-            )
-            wait_for(
-                "the fast Lambda endpoint",
-                lambda: get(f"http://127.0.0.1:{fast_port}/").status == 403,
-                [fast],
-            )
+            fast_port = start_fast_lambda(procs)
             config = workdir / "soak-config"
             config.mkdir()
             cp, envoy, port = start_lambdagate(procs, lambdagate_config_dir(config, fast_port), args.workers)

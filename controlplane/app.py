@@ -87,7 +87,6 @@ class ControlPlane:
         self._stop: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._chain_task: asyncio.Task[None] | None = None
-        self._roles_task: asyncio.Task[None] | None = None
         self._gc_paused = False
         # Workers listen where Envoy reaches this process's own gRPC port (loopback when that is a wildcard).
         worker_host = "127.0.0.1" if settings.grpc_host in ("0.0.0.0", "", "::") else settings.grpc_host
@@ -147,14 +146,9 @@ class ControlPlane:
             log.error("not pushing an inconsistent snapshot: %s", err)
             return
         timings["snapshot"] = time.perf_counter() - started
-        roles = [t for t in translation.route_table.values() if t.role_arn]
-        if roles:
-            for t in roles:
-                self.routes.roles.get(t.credentials, t.role_arn or "", t.region)
-            await self.routes.roles.assume_new()
-            if self._roles_task is None and self._stop is not None:
-                self._roles_task = asyncio.create_task(self.routes.roles.keep_fresh(self._stop))
-                self._tasks.append(self._roles_task)
+        fresh = await self.routes.roles.prepare(translation.route_table.values(), self._stop)
+        if fresh is not None:
+            self._tasks.append(fresh)
         started = time.perf_counter()
         # ext_proc learns the routes before Envoy does, so Envoy never routes to a name ext_proc lacks.
         if self.workers is not None:

@@ -14,12 +14,14 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from botocore.credentials import ReadOnlyCredentials
 
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain
 from controlplane.model import AwsCredentials
+from controlplane.model.routes import RouteTarget
 
 log = logging.getLogger("lambdagate.aws")
 
@@ -155,6 +157,7 @@ class RoleCache:
         self._roles: dict[tuple[AwsCredentials | None, str, str], RoleCredentials] = {}
         # The source of roles without a Secret (None: each role resolves botocore's chain by itself).
         self.chain = chain
+        self._fresh_task: asyncio.Task[None] | None = None
 
     def get(self, base: AwsCredentials | None, role_arn: str, region: str) -> RoleCredentials:
         key = (base, role_arn, region)
@@ -168,6 +171,22 @@ class RoleCache:
 
     def __len__(self) -> int:
         return len(self._roles)
+
+    async def prepare(
+        self, targets: Iterable[RouteTarget], stop: asyncio.Event | None
+    ) -> asyncio.Task[None] | None:
+        """Register the roles of `targets` and assume the new ones, so their first requests find keys; the first
+        time there are roles, also start keeping them fresh (the task is returned for the caller to own)."""
+        roles = [t for t in targets if t.role_arn]
+        for t in roles:
+            self.get(t.credentials, t.role_arn or "", t.region)
+        if not roles:
+            return None
+        await self.assume_new()
+        if self._fresh_task is None and stop is not None:
+            self._fresh_task = asyncio.create_task(self.keep_fresh(stop))
+            return self._fresh_task
+        return None
 
     async def assume_new(self, timeout_s: float = 10.0) -> None:
         """Assume the roles that have no keys yet, so a new route's first request finds them ready."""

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -96,6 +97,10 @@ class CompiledTarget:
     credentials: ReadOnlyCredentials | None = field(repr=False)
     # The role's keys, kept fresh off the request path (routes with role_arn only).
     role: RoleCredentials | None = field(default=None, repr=False)
+    # The one function of a route without weighted choices or a path parameter.
+    fixed: Invocable | None = None
+    # Cumulative weights of weighted choices, for random.choices.
+    cum_weights: tuple[int, ...] = ()
 
 
 class RouteTable:
@@ -138,7 +143,11 @@ class RouteTable:
             )
             creds = frozen(t.credentials) if t.credentials else None
             role = self.roles.get(t.credentials, t.role_arn, t.region) if t.role_arn else None
-            compiled[name] = CompiledTarget(t, route, t.scheme, creds, role)
+            fixed = None
+            if not t.choices and t.function_param is None:
+                fixed = Invocable(t.function, t.function_name, t.qualifier, t.invoke_path)
+            cum = tuple(itertools.accumulate(c.weight for c in t.choices))
+            compiled[name] = CompiledTarget(t, route, t.scheme, creds, role, fixed, cum)
         self._generations[version] = compiled
         self._current = version
         self._rebuild()
@@ -204,6 +213,8 @@ class Processor:
         "resp_headers",
         "chosen",
         "finished",
+        "trace_header",
+        "traceparent",
     )
 
     def __init__(self, server: ExtProcServer) -> None:
@@ -221,6 +232,9 @@ class Processor:
         self.chosen: Invocable | None = None
         # Set once the last message this stream will see has been answered.
         self.finished = False
+        # The client's tracing headers (first of each), read while the headers are walked anyway.
+        self.trace_header: str | None = None
+        self.traceparent: str | None = None
 
     # --- request path -------------------------------------------------------------------------------
 
@@ -248,6 +262,10 @@ class Processor:
                 headers.append((key, value))
                 if key == "x-request-id":
                     self.request_id = value
+                elif key == TRACE_HEADER and self.trace_header is None:
+                    self.trace_header = value
+                elif key == "traceparent" and self.traceparent is None:
+                    self.traceparent = value
         self.headers = headers
         if not self.request_id:
             self.request_id = str(uuid.uuid4())
@@ -300,9 +318,11 @@ class Processor:
                     )
                 )
             return found
+        assert self.target is not None
         if t.choices:
-            return random.choices(t.choices, weights=[c.weight for c in t.choices])[0]
-        return Invocable(t.function, t.function_name, t.qualifier, t.invoke_path)
+            return random.choices(t.choices, cum_weights=self.target.cum_weights)[0]
+        assert self.target.fixed is not None
+        return self.target.fixed
 
     def _credentials(self, t: RouteTarget) -> ReadOnlyCredentials | pb.ProcessingResponse:
         assert self.target is not None
@@ -323,8 +343,8 @@ class Processor:
         if isinstance(chosen, pb.ProcessingResponse):
             return chosen
         self.chosen = chosen
-        trace = _trace_id(self.headers)
-        if not any(k == TRACE_HEADER for k, _ in self.headers):
+        trace, traceparent = _trace_ids(self.trace_header, self.traceparent)
+        if self.trace_header is None:
             # API Gateway adds the trace header to every event; functions and X-Ray SDKs read it there.
             self.headers.append((TRACE_HEADER, trace))
         http = HttpRequest(
@@ -381,9 +401,8 @@ class Processor:
             payload_hash,
         )
         extra = [_header(TRACE_HEADER, trace)]
-        traceparent = next((v for k, v in self.headers if k == "traceparent"), None)
-        if traceparent is not None and TRACEPARENT_RE.fullmatch(traceparent.strip().lower()):
-            extra.append(_header("traceparent", traceparent.strip().lower()))
+        if traceparent is not None:
+            extra.append(_header("traceparent", traceparent))
         if t.max_retries:
             extra.append(_header(RESIGN_HEADER, t.route_name))
         # What this mutation sets is not removed; every other client header is (a client's x-lambdagate-sign or
@@ -587,20 +606,19 @@ def _invoke_headers(t: RouteTarget) -> dict[str, str]:
     return headers
 
 
-def _trace_id(headers: list[tuple[str, str]]) -> str:
-    """The request's X-Amzn-Trace-Id: the client's, else one made from its W3C traceparent, else a new one."""
-    for key, value in headers:
-        if key == TRACE_HEADER and AMZN_TRACE_RE.fullmatch(value.strip()):
-            return value.strip()
-    for key, value in headers:
-        if key == "traceparent":
-            m = TRACEPARENT_RE.fullmatch(value.strip().lower())
-            if m is not None:
-                trace, parent, flags = m.groups()
-                # X-Ray's trace id is the W3C one split after its first 8 hex digits (the epoch seconds).
-                sampled = int(flags, 16) & 1
-                return f"Root=1-{trace[:8]}-{trace[8:]};Parent={parent};Sampled={sampled}"
-    return f"Root=1-{int(time.time()):08x}-{os.urandom(12).hex()}"
+def _trace_ids(given: str | None, traceparent: str | None) -> tuple[str, str | None]:
+    """The X-Amzn-Trace-Id to use (the client's, else one made from its W3C traceparent, else a new one), and the
+    traceparent to pass on (a valid one only)."""
+    parent_m = TRACEPARENT_RE.fullmatch(traceparent.strip().lower()) if traceparent is not None else None
+    valid_parent = traceparent.strip().lower() if parent_m is not None and traceparent is not None else None
+    if given is not None and AMZN_TRACE_RE.fullmatch(given.strip()):
+        return given.strip(), valid_parent
+    if parent_m is not None:
+        trace, parent, flags = parent_m.groups()
+        # X-Ray's trace id is the W3C one split after its first 8 hex digits (the epoch seconds).
+        sampled = int(flags, 16) & 1
+        return f"Root=1-{trace[:8]}-{trace[8:]};Parent={parent};Sampled={sampled}", valid_parent
+    return f"Root=1-{int(time.time()):08x}-{os.urandom(12).hex()}", None
 
 
 def _log_tail(request_id: str, where: str, lambda_rid: str, encoded: str) -> None:

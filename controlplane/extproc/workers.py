@@ -215,7 +215,7 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
     conn.send(("port", port))
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
-    chain_started = roles_started = False
+    chain_started = False
     try:
         while True:
             message = await asyncio.to_thread(conn.recv)
@@ -229,14 +229,9 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
                         chain_started = True
                         await asyncio.to_thread(chain.load)
                         tasks.append(asyncio.create_task(chain.keep_fresh(stop)))
-                    roles = [t for t in targets.values() if t.role_arn]
-                    for t in roles:
-                        routes.roles.get(t.credentials, t.role_arn or "", t.region)
-                    if roles:
-                        await routes.roles.assume_new()
-                        if not roles_started:
-                            roles_started = True
-                            tasks.append(asyncio.create_task(routes.roles.keep_fresh(stop)))
+                    fresh = await routes.roles.prepare(targets.values(), stop)
+                    if fresh is not None:
+                        tasks.append(fresh)
                     routes.update(targets, version)
                 elif kind == "retain":
                     routes.retain(message[1])
