@@ -1,4 +1,4 @@
-"""The `lambdagate` command: up, serve, discover, bootstrap, local-lambda, import-openapi.
+"""The `lambdagate` command: up, serve, discover, bootstrap, local-lambda, import-openapi, export-openapi.
 
 Settings are built here from flags and handed down; nothing is configured at import time.
 """
@@ -409,6 +409,44 @@ def _import_openapi(args: argparse.Namespace) -> int:
     return run(args.spec, args.output, options)
 
 
+# --- export-openapi ---------------------------------------------------------------------------------
+
+
+def _account_id(text: str) -> str:
+    if not (len(text) == 12 and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an AWS account ID (12 digits)")
+    return text
+
+
+def _export_openapi(args: argparse.Namespace) -> int:
+    from controlplane.model.resources import Endpoint
+    from controlplane.openapi.exporter import ExportOptions, run
+    from controlplane.sources.files import FileSource
+
+    config_dir = Path(args.config_dir)
+    if not config_dir.is_dir():
+        sys.stderr.write(f"error: {config_dir}: not a folder\n")
+        return 2
+    # Each problem is reported once by the command, on one line; the source's log would say them again.
+    source_log = logging.getLogger("lambdagate.sources.files")
+    level = source_log.level
+    source_log.setLevel(logging.CRITICAL)
+    try:
+        # `endpoint: local` resolves to a stand-in: where the functions run is no part of an export.
+        result = FileSource(config_dir, local_endpoint=Endpoint("http", "127.0.0.1", 9)).load()
+    finally:
+        source_log.setLevel(level)
+    return run(
+        result.config,
+        [str(e) for e in result.errors],
+        source=str(config_dir),
+        selection=args.virtual_service,
+        output=args.output,
+        fmt=args.format,
+        options=ExportOptions(account_id=args.account_id),
+    )
+
+
 # --- entry point ------------------------------------------------------------------------------------
 
 
@@ -577,6 +615,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip operations whose integration is not Lambda proxy (http, non-proxy aws...), with a warning",
     )
+
+    exp = sub.add_parser(
+        "export-openapi",
+        help="write an OpenAPI 3 document (API Gateway's dialect) for a VirtualService of a config folder",
+    )
+    exp.add_argument("--config-dir", required=True, help="folder of Secret, Upstream and VirtualService YAML")
+    exp.add_argument(
+        "--virtual-service",
+        default=None,
+        metavar="[NAMESPACE/]NAME",
+        help="the VirtualService to export (needed when the folder has several, unless -o is a folder)",
+    )
+    exp.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="file to write (default: standard output); a folder (one that exists, or ending in /) gets one "
+        "file per VirtualService, NAMESPACE.NAME.openapi.yaml",
+    )
+    exp.add_argument("--format", choices=["yaml", "json"], default="yaml", help="default: yaml")
+    exp.add_argument(
+        "--account-id",
+        type=_account_id,
+        default=None,
+        help="the AWS account of functions named without one, so that integration URIs hold full ARNs",
+    )
     return p
 
 
@@ -593,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "import-openapi":
         return _import_openapi(args)
+    if args.command == "export-openapi":
+        return _export_openapi(args)
     runner = {"serve": _serve, "up": _up, "discover": _discover, "local-lambda": _local_lambda}[args.command]
     # Plain asyncio: grpc.aio does not support uvloop, and measured here uvloop bought nothing.
     return asyncio.run(runner(args))

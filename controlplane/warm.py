@@ -16,7 +16,6 @@ was signed); they never stop the control plane. With several replicas on Kuberne
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
 import os
@@ -31,8 +30,9 @@ from typing import Any
 
 from botocore.credentials import ReadOnlyCredentials
 
+from controlplane.aws.invoke import invoke
 from controlplane.aws.roles import RoleCache, RoleCredentials
-from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen, sign_invoke
+from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen
 from controlplane.model.resources import LOCAL_ENDPOINT, AwsCredentials, Config, Endpoint
 from controlplane.model.routes import invoke_path
 from controlplane.translate.envoy import upstream_endpoint
@@ -148,31 +148,16 @@ def invoke_once(
     body = json.dumps(warmup_event(target, index), separators=(",", ":")).encode()
     path = invoke_path(target.function_name, target.qualifier)
     ep = target.endpoint
-    headers = sign_invoke(
-        creds, target.region, ep.scheme, ep.authority, path, body, {"content-type": "application/json"}
-    )
-    headers["host"] = ep.authority  # what was signed; http.client then adds no Host of its own
-    conn: http.client.HTTPConnection
-    if ep.tls:
-        conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout_s, context=ssl_context())
-    else:
-        conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout_s)
-    try:
-        conn.request("POST", path, body=body, headers=headers)
-        resp = conn.getresponse()
-        answer = resp.read(MAX_ANSWER_BYTES)
-        function_error = resp.getheader("x-amz-function-error")
-        if function_error:
-            return Outcome(resp.status, _error_type(answer) or function_error)
-        if resp.status >= 300:
-            # Lambda names its API errors in x-amzn-ErrorType ("ResourceNotFoundException:http://...").
-            kind = (resp.getheader("x-amzn-errortype") or "").split(":", 1)[0]
-            return Outcome(resp.status, kind or _error_type(answer) or "error")
-        return Outcome(resp.status)
-    except (OSError, http.client.HTTPException) as err:
-        return Outcome(0, type(err).__name__)
-    finally:
-        conn.close()
+    answer = invoke(creds, target.region, ep.scheme, ep.authority, path, body, ssl_context, timeout_s)
+    if answer.status == 0:
+        return Outcome(0, answer.error)
+    if answer.function_error:
+        return Outcome(answer.status, _error_type(answer.body) or answer.function_error)
+    if answer.status >= 300:
+        # Lambda names its API errors in x-amzn-ErrorType ("ResourceNotFoundException:http://...").
+        kind = answer.headers.get("x-amzn-errortype", "").split(":", 1)[0]
+        return Outcome(answer.status, kind or _error_type(answer.body) or "error")
+    return Outcome(answer.status)
 
 
 def _error_type(answer: bytes) -> str | None:

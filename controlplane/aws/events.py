@@ -6,6 +6,7 @@ The event must work unchanged with Lambda web frameworks (Mangum, Powertools), s
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -39,6 +40,18 @@ class RouteInfo:
 
 
 @dataclass
+class Identity:
+    """Who the request's caller is, as established before the function runs (issue 7)."""
+
+    claims: dict[str, Any] | None = None  # a JWT's verified claims (Envoy's jwt_authn)
+    scopes: list[str] | None = None  # the JWT's scope/scp claim, split
+    principal_id: str | None = None  # a Lambda authorizer's principalId
+    context: dict[str, Any] | None = None  # a Lambda authorizer's context
+    api_key: str | None = None  # the x-api-key that was accepted
+    api_key_id: str | None = None  # its name in the Secret
+
+
+@dataclass
 class HttpRequest:
     method: str
     path: str  # as sent, query string included
@@ -48,6 +61,7 @@ class HttpRequest:
     protocol: str
     request_id: str
     authority: str
+    identity: Identity | None = None
 
 
 def is_text(content_type: str | None) -> bool:
@@ -121,7 +135,7 @@ def build_v1_event(req: HttpRequest, route: RouteInfo, now: float | None = None)
         if req.authority and not req.authority.endswith("]")
         else req.authority
     )
-    return {
+    event: dict[str, Any] = {
         "resource": resource,
         "path": raw_path,
         "httpMethod": req.method,
@@ -167,6 +181,57 @@ def build_v1_event(req: HttpRequest, route: RouteInfo, now: float | None = None)
         "body": body,
         "isBase64Encoded": is_b64,
     }
+    if req.identity is not None:
+        _v1_identity(event, req.identity)
+    return event
+
+
+def claim_text(value: Any) -> str:
+    """API Gateway passes claims as strings: a list as "[a b]", an object as JSON, true as "true"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + " ".join(claim_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _v1_identity(event: dict[str, Any], who: Identity) -> None:
+    ctx = event["requestContext"]
+    if who.api_key is not None:
+        ctx["identity"]["apiKey"] = who.api_key
+        ctx["identity"]["apiKeyId"] = who.api_key_id
+    authorizer: dict[str, Any] = {}
+    if who.claims is not None:
+        # The REST API's Cognito authorizer: requestContext.authorizer.claims, every value a string.
+        authorizer["claims"] = {k: claim_text(v) for k, v in who.claims.items()}
+        if who.scopes is not None:
+            authorizer["scopes"] = who.scopes
+    if who.principal_id is not None:
+        authorizer["principalId"] = who.principal_id
+        authorizer.update(who.context or {})
+    if authorizer:
+        ctx["authorizer"] = authorizer
+
+
+def _v2_identity(event: dict[str, Any], who: Identity) -> None:
+    authorizer: dict[str, Any] = {}
+    if who.claims is not None:
+        authorizer["jwt"] = {
+            "claims": {k: claim_text(v) for k, v in who.claims.items()},
+            "scopes": who.scopes,
+        }
+    if who.principal_id is not None:
+        authorizer["lambda"] = {"principalId": who.principal_id, **(who.context or {})}
+    if authorizer:
+        event["requestContext"]["authorizer"] = authorizer
+    if who.api_key is not None:
+        event["requestContext"]["identity"] = {"apiKey": who.api_key, "apiKeyId": who.api_key_id}
 
 
 def build_v2_event(req: HttpRequest, route: RouteInfo, now: float | None = None) -> dict[str, Any]:
@@ -239,4 +304,6 @@ def build_v2_event(req: HttpRequest, route: RouteInfo, now: float | None = None)
     if body is not None:
         event["body"] = body
     event["isBase64Encoded"] = is_b64
+    if req.identity is not None:
+        _v2_identity(event, req.identity)
     return event

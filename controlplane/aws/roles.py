@@ -21,7 +21,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain
 from controlplane.model import AwsCredentials
-from controlplane.model.routes import RouteTarget
+from controlplane.model.routes import AuthorizerTarget, RouteTarget
 
 log = logging.getLogger("lambdagate.aws")
 
@@ -177,7 +177,10 @@ class RoleCache:
     ) -> asyncio.Task[None] | None:
         """Register the roles of `targets` and assume the new ones, so their first requests find keys; the first
         time there are roles, also start keeping them fresh (the task is returned for the caller to own)."""
-        roles = [t for t in targets if t.role_arn]
+        # A route's Lambda authorizer signs with its own Upstream's role, if it has one.
+        roles: list[RouteTarget | AuthorizerTarget] = [
+            x for t in targets for x in (t, t.authorizer) if x is not None and x.role_arn
+        ]
         for t in roles:
             self.get(t.credentials, t.role_arn or "", t.region)
         if not roles:

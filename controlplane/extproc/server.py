@@ -18,7 +18,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,7 +29,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import wrappers_pb2
 
-from controlplane.aws.events import HttpRequest, RouteInfo, build_v1_event, build_v2_event, path_parameters
+from controlplane.aws.events import (
+    HttpRequest,
+    Identity,
+    RouteInfo,
+    build_v1_event,
+    build_v2_event,
+    path_parameters,
+)
+from controlplane.aws.integration import MappingFailed, build_payload, build_response
 from controlplane.aws.raw import NotJson, raw_payload, raw_response
 from controlplane.aws.responses import (
     HttpResponse,
@@ -43,8 +51,16 @@ from controlplane.aws.responses import (
 )
 from controlplane.aws.roles import RoleCache, RoleCredentials
 from controlplane.aws.signing import CredentialsUnavailable, DefaultChain, frozen, sign_invoke
+from controlplane.extproc.gate import (
+    API_KEY_HEADER,
+    JWT_NAMESPACE,
+    Decision,
+    Gate,
+    authorizer_event,
+    claims_of,
+)
 from controlplane.model.resources import ERROR_KINDS
-from controlplane.model.routes import Invocable, RouteTarget
+from controlplane.model.routes import AuthorizerTarget, Invocable, RouteTarget
 
 log = logging.getLogger("lambdagate.extproc")
 
@@ -101,6 +117,9 @@ class CompiledTarget:
     fixed: Invocable | None = None
     # Cumulative weights of weighted choices, for random.choices.
     cum_weights: tuple[int, ...] = ()
+    # The Lambda authorizer's signing keys (its own Upstream's), like `credentials` and `role` above.
+    auth_credentials: ReadOnlyCredentials | None = field(default=None, repr=False)
+    auth_role: RoleCredentials | None = field(default=None, repr=False)
 
 
 class RouteTable:
@@ -147,7 +166,14 @@ class RouteTable:
             if not t.choices and t.function_param is None:
                 fixed = Invocable(t.function, t.function_name, t.qualifier, t.invoke_path)
             cum = tuple(itertools.accumulate(c.weight for c in t.choices))
-            compiled[name] = CompiledTarget(t, route, t.scheme, creds, role, fixed, cum)
+            a = t.authorizer
+            auth_creds = frozen(a.credentials) if a is not None and a.credentials else None
+            auth_role = (
+                self.roles.get(a.credentials, a.role_arn, a.region) if a is not None and a.role_arn else None
+            )
+            compiled[name] = CompiledTarget(
+                t, route, t.scheme, creds, role, fixed, cum, auth_creds, auth_role
+            )
         self._generations[version] = compiled
         self._current = version
         self._rebuild()
@@ -167,7 +193,7 @@ class RouteTable:
         # Names hash their target, so generations agree on a shared name; the newest credentials win.
         merged.update(self._generations.get(self._current, {}))
         self._merged = merged
-        self.roles.retain({t.role for t in merged.values() if t.role is not None})
+        self.roles.retain({r for t in merged.values() for r in (t.role, t.auth_role) if r is not None})
 
     @property
     def generations(self) -> int:
@@ -215,6 +241,8 @@ class Processor:
         "finished",
         "trace_header",
         "traceparent",
+        "identity",
+        "mapping",
     )
 
     def __init__(self, server: ExtProcServer) -> None:
@@ -235,10 +263,16 @@ class Processor:
         # The client's tracing headers (first of each), read while the headers are walked anyway.
         self.trace_header: str | None = None
         self.traceparent: str | None = None
+        # Who is calling (JWT claims, a Lambda authorizer's principal and context, an API key), for the event.
+        self.identity: Identity | None = None
+        # A non-proxy integration's request context, kept for its response templates.
+        self.mapping: Mapping[str, object] = {}
 
     # --- request path -------------------------------------------------------------------------------
 
-    def on_request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    def on_request_headers(
+        self, req: pb.ProcessingRequest
+    ) -> pb.ProcessingResponse | Awaitable[pb.ProcessingResponse]:
         route_name = ""
         attrs = req.attributes.get(FILTER_NAME)
         if attrs is not None:
@@ -286,9 +320,88 @@ class Processor:
             return self._immediate(
                 json_error(502, "No Lambda function is configured for this route", self.request_id)
             )
+        t = self.target.target
+        if t.jwt or t.api_keys is not None or t.authorizer is not None:
+            return self._admit(req)
+        return self._headers_done(req)
+
+    def _headers_done(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         if req.request_headers.end_of_stream:
             return self._invoke(b"", phase="headers")
         return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=CONTINUE))
+
+    def _admit(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | Awaitable[pb.ProcessingResponse]:
+        """The caller's identity: JWT claims Envoy verified, an API key, a Lambda authorizer's decision."""
+        assert self.target is not None
+        t = self.target.target
+        identity = Identity()
+        if t.jwt:
+            found = claims_of(req.metadata_context.filter_metadata.get(JWT_NAMESPACE))
+            if found is None:
+                # jwt_authn let the request through without claims: never pass it on unauthenticated.
+                return self._immediate(
+                    json_error(401, "Unauthorized", self.request_id, log_reason="no JWT claims")
+                )
+            identity.claims, identity.scopes = found
+        if t.api_keys is not None:
+            presented = next((v for k, v in self.headers if k == API_KEY_HEADER), None)
+            key = self.server.gate.api_key(t.api_keys, presented, self.request_id)
+            if isinstance(key, HttpResponse):
+                return self._immediate(key)
+            identity.api_key, identity.api_key_id = key
+        self.identity = identity
+        a = t.authorizer
+        if a is None:
+            return self._headers_done(req)
+        values = self.server.gate.identity(a, self.headers, self.path)
+        if values is None:
+            return self._immediate(
+                json_error(401, "Unauthorized", self.request_id, log_reason="identity source missing")
+            )
+        raw_path = self.path.partition("?")[0].split("#", 1)[0]
+        method_arn = f"{t.method_arn_prefix}/{self.method}/{raw_path.lstrip('/')}"
+        decision = self.server.gate.cached(a, values)
+        if decision is not None:
+            return self._decided(req, decision, method_arn)
+        return self._ask(req, a, values, method_arn)
+
+    async def _ask(
+        self, req: pb.ProcessingRequest, a: AuthorizerTarget, values: tuple[str, ...], method_arn: str
+    ) -> pb.ProcessingResponse:
+        assert self.target is not None
+        try:
+            if self.target.auth_role is not None:
+                creds = self.target.auth_role.current()
+            else:
+                creds = self.target.auth_credentials or self.server.default_chain.current()
+        except CredentialsUnavailable as err:
+            log.error("request %s: authorizer %s: no AWS credentials: %s", self.request_id, a.name, err)
+            return self._immediate(json_error(500, "Authorizer error", self.request_id))
+        http = HttpRequest(
+            self.method,
+            self.path,
+            self.headers,
+            b"",
+            self.source_ip,
+            self.protocol,
+            self.request_id,
+            self.authority,
+        )
+        event = authorizer_event(build_v1_event(http, self.target.route), method_arn)
+        decision = await self.server.gate.ask(a, values, creds, event, self.request_id)
+        if isinstance(decision, HttpResponse):
+            return self._immediate(decision)
+        return self._decided(req, decision, method_arn)
+
+    def _decided(
+        self, req: pb.ProcessingRequest, decision: Decision, method_arn: str
+    ) -> pb.ProcessingResponse:
+        admitted = self.server.gate.admit(decision, method_arn, self.request_id)
+        if isinstance(admitted, HttpResponse):
+            return self._immediate(admitted)
+        assert self.identity is not None
+        self.identity.principal_id, self.identity.context = admitted.principal_id, admitted.context
+        return self._headers_done(req)
 
     def on_request_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         if self.target is None:
@@ -356,8 +469,22 @@ class Processor:
             self.protocol,
             self.request_id,
             self.authority,
+            self.identity,
         )
-        if t.payload_format == "raw":
+        if t.integration is not None:
+            try:
+                payload, self.mapping = build_payload(t.integration, http, self.target.route)
+            except MappingFailed as err:
+                return self._immediate(
+                    json_error(
+                        400,
+                        err.public,
+                        self.request_id,
+                        log_reason="request mapping failed",
+                        log_detail=str(err),
+                    )
+                )
+        elif t.payload_format == "raw":
             try:
                 payload = raw_payload(http, self.target.route)
             except NotJson as err:
@@ -510,7 +637,13 @@ class Processor:
             _log_tail(rid, where, lambda_rid, headers["x-amz-log-result"])
         if status == 200 and lambda_rid:
             fn_error = headers.get("x-amz-function-error")
-            if fn_error:
+            integrated = None
+            if t is not None and t.integration is not None:
+                # None: a function error no integration response matches, answered as any function error.
+                integrated = build_response(t.integration, payload, fn_error or None, self.mapping, rid)
+            if integrated is not None:
+                out = integrated
+            elif fn_error:
                 out = function_error(payload, fn_error, rid)
             elif t is not None and t.payload_format == "raw":
                 out = raw_response(payload)
@@ -639,6 +772,7 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, routes: RouteTable, default_chain: DefaultChain) -> None:
         self.routes = routes
         self.default_chain = default_chain
+        self.gate = Gate()
         self.streams = 0  # streams started, for recycling worker processes
 
     async def Process(  # noqa: N802 (gRPC's name)
@@ -650,7 +784,9 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
             which = req.WhichOneof("request")
             try:
                 if which == "request_headers":
-                    response = proc.on_request_headers(req)
+                    answer = proc.on_request_headers(req)
+                    # A Lambda authorizer not in the cache is asked without holding up other streams.
+                    response = answer if isinstance(answer, pb.ProcessingResponse) else await answer
                 elif which == "request_body":
                     if len(req.request_body.body) > LARGE_BODY:
                         # base64, JSON and SHA-256 of megabytes would stall every other stream on this loop.

@@ -20,6 +20,7 @@ from controlplane.model.resources import (
     ERROR_KINDS,
     FUNCTION_NAME_RE,
     HTTP_METHODS,
+    IDENTITY_KINDS,
     INVOCATION_TYPES,
     KIND_SECRET,
     KIND_UPSTREAM,
@@ -28,10 +29,13 @@ from controlplane.model.resources import (
     MAX_MOCK_BODY,
     MAX_RETRIES,
     MAX_TIMEOUT_S,
+    NO_AUTHORIZER,
     PAYLOAD_FORMATS,
     QUALIFIER_RE,
     REGION_RE,
     RESERVED_MOCK_STATUSES,
+    ApiKeys,
+    Authorizer,
     AwsCredentials,
     CorsPolicy,
     Destination,
@@ -39,12 +43,18 @@ from controlplane.model.resources import (
     Endpoint,
     Function,
     FunctionChoice,
+    Integration,
+    IntegrationResponse,
+    Jwks,
+    JwtAuthorizer,
     KeepWarm,
+    LambdaAuthorizer,
     Matcher,
     MockResponse,
     ObjectKey,
     RateLimit,
     Route,
+    RouteAuth,
     RouteOptions,
     Secret,
     Upstream,
@@ -52,6 +62,7 @@ from controlplane.model.resources import (
     split_function_name,
     template_to_regex,
 )
+from controlplane.model.templates import check_template
 
 Resource = Secret | Upstream | VirtualService
 
@@ -145,7 +156,7 @@ def _parse_secret(doc: dict[str, Any], name: str, namespace: str) -> Secret:
             values["access_key"], values["secret_key"], values.get("session_token") or None
         )
     # A Secret without AWS keys is legal (it may be someone else's); Upstreams that reference it are rejected.
-    return Secret(name, namespace, creds, tuple(sorted(values)))
+    return Secret(name, namespace, creds, tuple(sorted(values)), tuple(sorted(values.items())))
 
 
 UPSTREAM_FIELDS = (
@@ -469,7 +480,7 @@ def _check_function_name(value: str, path: str) -> str:
     return value
 
 
-VS_FIELDS = ("domains", "routes", "stage", "stage_variables")
+VS_FIELDS = ("domains", "routes", "stage", "stage_variables", "authorizers", "auth", "api_keys")
 
 
 def _parse_virtual_service(
@@ -504,9 +515,247 @@ def _parse_virtual_service(
                 "a stage variable value is at most 512 of letters, digits and -._~:/?#&=,", field=field
             )
         variables.append((key, str(value)))
+    authorizers = _parse_authorizers(spec.get("authorizers"), "spec.authorizers", namespace)
+    auth = _parse_auth(spec.get("auth"), "spec.auth")
+    api_keys = _parse_api_keys(spec["api_keys"], "spec.api_keys") if "api_keys" in spec else None
+    names = {a.name for a in authorizers}
+    for where, a in [("spec.auth", auth)] + [
+        (f"spec.routes[{i}].auth", r.auth) for i, r in enumerate(routes)
+    ]:
+        if a.authorizer is not None and a.authorizer != NO_AUTHORIZER and a.authorizer not in names:
+            have = ", ".join(sorted(names)) or "none defined"
+            raise ConfigError(
+                f"{a.authorizer!r} is not in spec.authorizers ({have}); or use 'none'",
+                field=f"{where}.authorizer",
+            )
+    default = next((a for a in authorizers if a.name == auth.effective_authorizer), None)
+    if auth.scopes and (default is None or default.jwt is None):
+        raise ConfigError("scopes need a JWT authorizer in spec.auth", field="spec.auth.scopes")
+    for i, r in enumerate(routes):
+        effective = r.auth.over(auth)
+        rpath = f"spec.routes[{i}]"
+        chosen = next((a for a in authorizers if a.name == effective.effective_authorizer), None)
+        if r.auth.scopes and (chosen is None or chosen.jwt is None):
+            # Only scopes the route sets itself: inherited ones simply do not apply to a non-JWT route.
+            raise ConfigError("scopes need a JWT authorizer on the route", field=f"{rpath}.auth.scopes")
+        if effective.api_key_required and api_keys is None:
+            raise ConfigError("needs spec.api_keys (the Secret holding the keys)", field=f"{rpath}.auth")
+        if r.mock is not None and (effective.api_key_required or (chosen is not None and chosen.jwt is None)):
+            raise ConfigError(
+                "a mock route is answered by Envoy: only a JWT authorizer applies to it",
+                field=f"{rpath}.auth",
+            )
     return VirtualService(
-        name, namespace, tuple(domains), routes, stage, generation, stage_variables=tuple(sorted(variables))
+        name,
+        namespace,
+        tuple(domains),
+        routes,
+        stage,
+        generation,
+        stage_variables=tuple(sorted(variables)),
+        authorizers=authorizers,
+        auth=auth,
+        api_keys=api_keys,
     )
+
+
+AUTHORIZER_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
+SCOPE_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,256}$")  # RFC 6749's scope-token
+MAX_TTL_S = 3600.0
+QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9._~-]{1,128}$")
+# type/subtype and parameters, visible ASCII and spaces only: it becomes a header value.
+CONTENT_TYPE_RE = re.compile(
+    r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+( *;[\x20-\x7e]*)?$"
+)  # API Gateway's limit on cached authorizer results
+
+
+def _parse_authorizers(raw: Any, path: str, namespace: str) -> tuple[Authorizer, ...]:
+    out = []
+    for name, item in _mapping(raw, path).items():
+        apath = f"{path}.{name}"
+        if not isinstance(name, str) or not AUTHORIZER_NAME_RE.fullmatch(name) or name == NO_AUTHORIZER:
+            raise ConfigError("an authorizer name is letters, digits, '-' and '_' (not 'none')", field=apath)
+        spec = _mapping(item, apath, required=True)
+        kind = _str(spec.get("type"), f"{apath}.type", required=True)
+        if kind == "jwt":
+            _no_unknown(spec, ("type", "issuer", "audiences", "jwks", "header", "query"), apath)
+            out.append(Authorizer(name, jwt=_parse_jwt(spec, apath)))
+        elif kind == "lambda":
+            _no_unknown(
+                spec, ("type", "upstream", "function", "function_name", "identity_sources", "ttl"), apath
+            )
+            out.append(Authorizer(name, function=_parse_lambda_authorizer(spec, apath, namespace)))
+        else:
+            raise ConfigError(f"{kind!r} is not jwt or lambda", field=f"{apath}.type")
+    return tuple(out)
+
+
+def _parse_jwt(spec: dict[str, Any], path: str) -> JwtAuthorizer:
+    issuer = _str(spec.get("issuer"), f"{path}.issuer", required=True)
+    audiences = tuple(_str_list(spec.get("audiences"), f"{path}.audiences"))
+    jpath = f"{path}.jwks"
+    raw = _mapping(spec.get("jwks"), jpath, required=True)
+    _no_unknown(raw, ("inline", "file", "uri", "timeout", "cache_duration"), jpath)
+    given = [k for k in ("inline", "file", "uri") if k in raw]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of inline, file or uri", field=jpath)
+    timeout = _duration(raw["timeout"], f"{jpath}.timeout", max_s=60) if "timeout" in raw else 5.0
+    cache = (
+        _duration(raw["cache_duration"], f"{jpath}.cache_duration", max_s=DAY_S)
+        if "cache_duration" in raw
+        else 300.0
+    )
+    jwks: Jwks
+    if "inline" in raw:
+        value = raw["inline"]
+        text = json.dumps(value) if isinstance(value, dict) else _str(value, f"{jpath}.inline", required=True)
+        check_jwks(text, f"{jpath}.inline")
+        jwks = Jwks(inline=text, timeout_s=timeout, cache_s=cache)
+    elif "file" in raw:
+        jwks = Jwks(file=_str(raw["file"], f"{jpath}.file", required=True), timeout_s=timeout, cache_s=cache)
+    else:
+        uri = _str(raw["uri"], f"{jpath}.uri", required=True)
+        parts = urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{uri!r} is not an http(s) URL", field=f"{jpath}.uri")
+        jwks = Jwks(uri=uri, timeout_s=timeout, cache_s=cache)
+    header = _str(spec.get("header"), f"{path}.header") or "authorization"
+    if not HEADER_NAME_RE.fullmatch(header):
+        raise ConfigError(f"{header!r} is not a header name", field=f"{path}.header")
+    query = _str(spec.get("query"), f"{path}.query") or None
+    if query is not None and not QUERY_NAME_RE.fullmatch(query):
+        raise ConfigError(f"{query!r} is not a query parameter name", field=f"{path}.query")
+    return JwtAuthorizer(issuer, audiences, jwks, header.lower(), query)
+
+
+def check_jwks(text: str, path: str) -> None:
+    """A JWKS document: {"keys": [{"kty": ...}, ...]}. Envoy would otherwise fail every token at request time."""
+    try:
+        doc = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"is not JSON: {err}", field=path) from None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError('must be a JWKS: {"keys": [...]} with at least one key', field=path)
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+            raise ConfigError("a key must be an object with kty", field=f"{path}.keys[{i}]")
+
+
+def _parse_lambda_authorizer(spec: dict[str, Any], path: str, namespace: str) -> LambdaAuthorizer:
+    fields = {k: spec[k] for k in ("upstream", "function", "function_name") if k in spec}
+    if "function" not in fields and "function_name" not in fields:
+        raise ConfigError("missing; the authorizer function", field=f"{path}.function")
+    destination = _parse_destination(fields, path, namespace, Matcher("path", "/"), key="")
+    sources = []
+    for i, item in enumerate(
+        _str_list(spec.get("identity_sources"), f"{path}.identity_sources", required=True)
+    ):
+        kind, _, name = item.partition(":")
+        if kind not in IDENTITY_KINDS or not name:
+            raise ConfigError(
+                f"{item!r} is not header:NAME or query:NAME", field=f"{path}.identity_sources[{i}]"
+            )
+        if kind == "header" and not HEADER_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{name!r} is not a header name", field=f"{path}.identity_sources[{i}]")
+        sources.append((kind, name.lower() if kind == "header" else name))
+    ttl = 300.0
+    if "ttl" in spec:
+        if not isinstance(spec["ttl"], bool) and spec["ttl"] in (0, "0", "0s"):
+            ttl = 0.0
+        else:
+            ttl = _duration(spec["ttl"], f"{path}.ttl", max_s=MAX_TTL_S)
+    return LambdaAuthorizer(destination, tuple(sources), ttl)
+
+
+def _parse_auth(raw: Any, path: str) -> RouteAuth:
+    spec = _mapping(raw, path)
+    _no_unknown(spec, ("authorizer", "scopes", "api_key_required"), path)
+    authorizer = _str(spec.get("authorizer"), f"{path}.authorizer") or None
+    scopes = None
+    if "scopes" in spec:
+        scopes = tuple(_str_list(spec["scopes"], f"{path}.scopes"))
+        for i, scope in enumerate(scopes):
+            if not SCOPE_RE.fullmatch(scope):
+                raise ConfigError(f"{scope!r} is not an OAuth scope", field=f"{path}.scopes[{i}]")
+    required = (
+        _bool(spec["api_key_required"], f"{path}.api_key_required") if "api_key_required" in spec else None
+    )
+    return RouteAuth(authorizer, scopes, required)
+
+
+def _parse_api_keys(raw: Any, path: str) -> ApiKeys:
+    spec = _mapping(raw, path, required=True)
+    _no_unknown(spec, ("secret_ref", "rate_limit", "limits"), path)
+    ref = _str(spec.get("secret_ref"), f"{path}.secret_ref", required=True)
+    rate = _parse_rate_limit(spec["rate_limit"], f"{path}.rate_limit") if "rate_limit" in spec else None
+    limits = tuple(
+        (str(k), _parse_rate_limit(v, f"{path}.limits.{k}"))
+        for k, v in sorted(_mapping(spec.get("limits"), f"{path}.limits").items())
+    )
+    return ApiKeys(ref, rate, limits)
+
+
+INTEGRATION_STATUS_RANGE = (200, 599)
+
+
+def _parse_integration(raw: Any, path: str) -> Integration:
+    spec = _mapping(raw, path, required=True)
+    _no_unknown(spec, ("request_template", "responses"), path)
+    request = None
+    if "request_template" in spec:
+        request = _str(spec["request_template"], f"{path}.request_template", required=True)
+        check_template(request, f"{path}.request_template", "request")
+    responses = []
+    raw_responses = spec.get("responses", [])
+    if not isinstance(raw_responses, list):
+        raise ConfigError("must be a list of {status, pattern, template, headers}", field=f"{path}.responses")
+    defaults = 0
+    for i, item in enumerate(raw_responses):
+        rpath = f"{path}.responses[{i}]"
+        r = _mapping(item, rpath, required=True)
+        _no_unknown(r, ("status", "pattern", "template", "headers", "content_type"), rpath)
+        status = _int(r.get("status", 200), f"{rpath}.status", *INTEGRATION_STATUS_RANGE)
+        pattern = None
+        if "pattern" in r:
+            pattern = _str(r["pattern"], f"{rpath}.pattern", required=True)
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"{pattern!r} is not a regular expression: {err}", field=f"{rpath}.pattern"
+                ) from None
+        else:
+            defaults += 1
+            if defaults > 1:
+                raise ConfigError("only one response may have no pattern (the default)", field=rpath)
+        template = None
+        if "template" in r:
+            template = _str(r["template"], f"{rpath}.template", required=True)
+            check_template(template, f"{rpath}.template", "response")
+        headers = _header_map(r.get("headers"), f"{rpath}.headers")
+        content_type = _str(r.get("content_type"), f"{rpath}.content_type") or "application/json"
+        if not CONTENT_TYPE_RE.fullmatch(content_type):
+            raise ConfigError(f"{content_type!r} is not a media type", field=f"{rpath}.content_type")
+        responses.append(IntegrationResponse(status, pattern, template, headers, content_type))
+    return Integration(request, tuple(responses))
+
+
+def _header_map(raw: Any, path: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for key, value in _mapping(raw, path).items():
+        hpath = f"{path}.{key}"
+        if not isinstance(key, str) or not HEADER_NAME_RE.fullmatch(key) or key.startswith(":"):
+            raise ConfigError("not a header name", field=hpath)
+        if key.lower() in MOCK_FORBIDDEN_HEADERS:
+            raise ConfigError("Envoy sets this header itself; a route may not", field=hpath)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"must be a string, got {_typename(value)}", field=hpath)
+        text = str(value)
+        if any(c in text for c in "\r\n\0"):
+            raise ConfigError("a header value cannot hold line breaks", field=hpath)
+        headers.append((key.lower(), text))
+    return tuple(headers)
 
 
 DESTINATION_FIELDS = ("upstream", "function", "function_name", "function_param", "functions")
@@ -515,9 +764,10 @@ MAX_WEIGHT = 1_000_000
 
 def _parse_route(raw: Any, path: str, namespace: str) -> Route:
     route = _mapping(raw, path, required=True)
-    _no_unknown(route, ("matcher", "destination", "options", "mock"), path)
+    _no_unknown(route, ("matcher", "destination", "options", "mock", "auth", "integration"), path)
     matcher = _parse_matcher(route.get("matcher"), f"{path}.matcher")
     options = _parse_options(route.get("options"), f"{path}.options")
+    auth = _parse_auth(route.get("auth"), f"{path}.auth")
     if "mock" in route:
         if "destination" in route:
             raise ConfigError(
@@ -529,12 +779,25 @@ def _parse_route(raw: Any, path: str, namespace: str) -> Route:
                     f"a mock route invokes nothing; only {' and '.join(MOCK_OPTIONS)} apply to it",
                     field=f"{path}.options.{key}",
                 )
-        return Route(matcher, None, options, _parse_mock(route["mock"], f"{path}.mock"))
-    return Route(matcher, _parse_destination(route.get("destination"), path, namespace, matcher), options)
+        if "integration" in route:
+            raise ConfigError("a mock route invokes nothing to integrate", field=f"{path}.integration")
+        return Route(matcher, None, options, _parse_mock(route["mock"], f"{path}.mock"), auth)
+    integration = None
+    if "integration" in route:
+        integration = _parse_integration(route["integration"], f"{path}.integration")
+        if options.payload_format is not None:
+            raise ConfigError(
+                "an integration builds its own payload; remove options.payload_format",
+                field=f"{path}.options.payload_format",
+            )
+    destination = _parse_destination(route.get("destination"), path, namespace, matcher)
+    return Route(matcher, destination, options, None, auth, integration)
 
 
-def _parse_destination(raw: Any, path: str, namespace: str, matcher: Matcher) -> Destination:
-    dpath = f"{path}.destination"
+def _parse_destination(
+    raw: Any, path: str, namespace: str, matcher: Matcher, key: str = "destination"
+) -> Destination:
+    dpath = f"{path}.{key}" if key else path
     dest = _mapping(raw, dpath, required=True)
     _no_unknown(dest, DESTINATION_FIELDS, dpath)
     up = dest.get("upstream")
@@ -613,19 +876,7 @@ def _parse_mock(raw: Any, path: str) -> MockResponse:
             "429 is the rate limit's answer: Envoy would replace this mock's body with its JSON",
             field=f"{path}.status",
         )
-    headers = []
-    for key, value in _mapping(mock.get("headers"), f"{path}.headers").items():
-        hpath = f"{path}.headers.{key}"
-        if not isinstance(key, str) or not HEADER_NAME_RE.fullmatch(key) or key.startswith(":"):
-            raise ConfigError("not a header name", field=hpath)
-        if key.lower() in MOCK_FORBIDDEN_HEADERS:
-            raise ConfigError("Envoy sets this header itself; a route may not", field=hpath)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"must be a string, got {_typename(value)}", field=hpath)
-        text = str(value)
-        if any(c in text for c in "\r\n\0"):
-            raise ConfigError("a header value cannot hold line breaks", field=hpath)
-        headers.append((key.lower(), text))
+    headers = list(_header_map(mock.get("headers"), f"{path}.headers"))
     body = mock.get("body", "")
     if isinstance(body, (dict, list)):
         # A mapping is sent as JSON, like API Gateway's mock integration templates usually are.

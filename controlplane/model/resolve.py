@@ -117,6 +117,16 @@ def resolve(
         else:
             named = check_routes(vs)
             passing[vs.key] = (vs, tuple(named.items()))
+        if vs.api_keys is not None:
+            # Checked every time (not memoized): the Secret may change while the VirtualService does not.
+            sec = secrets.get(ObjectKey("Secret", vs.namespace, vs.api_keys.secret_ref))
+            if sec is None or not any(v for _, v in sec.data):
+                why = "does not exist" if sec is None else "holds no keys"
+                raise ConfigError(
+                    f"Secret {vs.namespace}/{vs.api_keys.secret_ref} {why}",
+                    obj=str(vs.key),
+                    field="spec.api_keys.secret_ref",
+                )
         for i, domain in enumerate(vs.domains):
             owner = claimed_domains.get(domain)
             if owner is not None and owner != vs.key:
@@ -129,12 +139,17 @@ def resolve(
     def check_routes(vs: VirtualService) -> dict[ObjectKey, Upstream]:
         """Every route's destination exists; returns the Upstreams the routes name."""
         named: dict[ObjectKey, Upstream] = {}
-        for i, route in enumerate(vs.routes):
-            dest = route.destination
+        destinations = [
+            (f"spec.routes[{i}].destination", route.destination) for i, route in enumerate(vs.routes)
+        ] + [
+            (f"spec.authorizers.{a.name}", a.function.destination)
+            for a in vs.authorizers
+            if a.function is not None
+        ]
+        for fpath, dest in destinations:
             if dest is None:  # a mock route answers by itself
                 continue
             up = upstreams.get(ObjectKey("Upstream", dest.upstream_namespace, dest.upstream))
-            fpath = f"spec.routes[{i}].destination"
             if up is None:
                 why = "does not exist"
                 if ObjectKey("Upstream", dest.upstream_namespace, dest.upstream) in errors:
@@ -186,7 +201,7 @@ def resolve(
         memo.services = passing
     used_secrets = {
         ObjectKey("Secret", u.namespace, u.secret_ref) for u in upstreams.values() if u.secret_ref
-    }
+    } | {ObjectKey("Secret", v.namespace, v.api_keys.secret_ref) for v in services if v.api_keys is not None}
     config = Config(
         upstreams=tuple(upstreams[k] for k in sorted(upstreams)),
         virtual_services=tuple(services),

@@ -52,6 +52,8 @@ class Secret:
     credentials: AwsCredentials | None
     # Keys present, for status messages; values stay in `credentials`.
     keys: tuple[str, ...] = ()
+    # Every entry (name, value): API keys live here. Never in a repr, a log line or a dump.
+    data: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @functools.cached_property  # looked up many times per load
     def key(self) -> ObjectKey:
@@ -297,11 +299,110 @@ class MockResponse:
 
 
 @dataclass(frozen=True)
+class Jwks:
+    """Where a JWT authorizer's signing keys come from: exactly one of inline JSON, a file, or a URI."""
+
+    inline: str | None = None  # a JWKS document (JSON); a `file` is read into here by the source
+    file: str | None = None
+    uri: str | None = None  # fetched and cached by Envoy
+    timeout_s: float = 5.0
+    cache_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class JwtAuthorizer:
+    """API Gateway's JWT authorizer (Cognito user pools, any OIDC issuer), enforced by Envoy's jwt_authn."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks: Jwks
+    header: str = "authorization"  # where the token is; a "Bearer " prefix is taken off
+    query: str | None = None  # or this query parameter
+
+
+IDENTITY_KINDS = ("header", "query")
+
+
+@dataclass(frozen=True)
+class LambdaAuthorizer:
+    """API Gateway's REQUEST authorizer: a function that answers an IAM policy and a context."""
+
+    destination: Destination  # the authorizer function (function or function_name of an Upstream)
+    identity_sources: tuple[tuple[str, str], ...]  # (header|query, name); all must be present, else 401
+    ttl_s: float = 300.0  # results cached per identity; 0: every request asks the function
+
+
+@dataclass(frozen=True)
+class Authorizer:
+    name: str
+    jwt: JwtAuthorizer | None = None
+    function: LambdaAuthorizer | None = None
+
+    @property
+    def kind(self) -> str:
+        return "jwt" if self.jwt is not None else "lambda"
+
+
+NO_AUTHORIZER = "none"
+
+
+@dataclass(frozen=True)
+class RouteAuth:
+    """Who may call a route. Set on the VirtualService (every route) and per route; None inherits."""
+
+    authorizer: str | None = None  # a name in spec.authorizers, or "none" to drop an inherited one
+    scopes: tuple[str, ...] | None = None  # JWT: the token needs one of these (scope or scp claim)
+    api_key_required: bool | None = None
+
+    def over(self, base: RouteAuth) -> RouteAuth:
+        return RouteAuth(
+            self.authorizer if self.authorizer is not None else base.authorizer,
+            self.scopes if self.scopes is not None else base.scopes,
+            self.api_key_required if self.api_key_required is not None else base.api_key_required,
+        )
+
+    @property
+    def effective_authorizer(self) -> str | None:
+        return None if self.authorizer in (None, NO_AUTHORIZER) else self.authorizer
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """API Gateway's API keys and usage plans, kept light: keys in a Secret, a rate limit per key."""
+
+    secret_ref: str  # a Secret in the VirtualService's namespace: each entry is one key (name: value)
+    rate_limit: RateLimit | None = None  # per key, unless `limits` names the key
+    limits: tuple[tuple[str, RateLimit], ...] = ()  # per key name
+
+
+@dataclass(frozen=True)
+class IntegrationResponse:
+    """One of a non-proxy integration's responses: chosen by `pattern` on a function error's errorMessage
+    (None: the response for a successful call), then built by `template` (None: the output as is)."""
+
+    status: int
+    pattern: str | None = None
+    template: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class Integration:
+    """API Gateway's non-proxy (mapping template) integration, instead of the proxy event and response."""
+
+    request_template: str | None = None  # Jinja2 (sandboxed); None: the request body as is (JSON)
+    responses: tuple[IntegrationResponse, ...] = ()
+
+
+@dataclass(frozen=True)
 class Route:
     matcher: Matcher
     destination: Destination | None
     options: RouteOptions = RouteOptions()
     mock: MockResponse | None = None
+    auth: RouteAuth = RouteAuth()
+    integration: Integration | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +415,12 @@ class VirtualService:
     generation: int = 0
     # API Gateway's stage variables: passed to every function of this service in the event.
     stage_variables: tuple[tuple[str, str], ...] = ()
+    authorizers: tuple[Authorizer, ...] = ()
+    auth: RouteAuth = RouteAuth()  # every route's default
+    api_keys: ApiKeys | None = None
+
+    def authorizer(self, name: str) -> Authorizer | None:
+        return next((a for a in self.authorizers if a.name == name), None)
 
     @functools.cached_property  # looked up many times per load
     def key(self) -> ObjectKey:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from controlplane.model.resources import AwsCredentials, Matcher
+from controlplane.model.resources import AwsCredentials, Integration, Matcher, RateLimit
 
 
 def invoke_path(function_name: str, qualifier: str | None) -> str:
@@ -29,6 +29,32 @@ class Invocable:
     qualifier: str | None
     invoke_path: str
     weight: int = 1
+
+
+@dataclass(frozen=True)
+class AuthorizerTarget:
+    """A Lambda (REQUEST) authorizer, ready to invoke: the same signing inputs as a route's function."""
+
+    name: str  # namespace/virtualservice/authorizer: the cache of results is per authorizer
+    invocable: Invocable
+    scheme: str
+    authority: str
+    region: str
+    credentials: AwsCredentials | None
+    role_arn: str | None
+    identity_sources: tuple[tuple[str, str], ...]  # (header|query, name)
+    ttl_s: float
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ApiKeyTable:
+    """A VirtualService's API keys: SHA-256 digests (hex) of the keys to their names; never the keys."""
+
+    name: str  # namespace/virtualservice: rate-limit buckets are per key within it
+    digests: tuple[tuple[str, str], ...]
+    rate_limit: RateLimit | None = None
+    limits: tuple[tuple[str, RateLimit], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,3 +92,11 @@ class RouteTarget:
     # (kind, status) overrides of the default error statuses (RouteOptions.errors).
     errors: tuple[tuple[str, int], ...] = ()
     log_tail: bool = False
+    # Who may call (issue 7). JWTs are verified by Envoy's jwt_authn; ext_proc only reads the claims it passes.
+    jwt: bool = False
+    authorizer: AuthorizerTarget | None = None
+    api_keys: ApiKeyTable | None = None
+    # API Gateway's methodArn without the method and path: arn:aws:execute-api:REGION:ACCOUNT:API/STAGE
+    method_arn_prefix: str = ""
+    # Non-proxy integration: templates build the payload and the response (payload_format does not apply).
+    integration: Integration | None = None

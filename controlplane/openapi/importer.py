@@ -5,6 +5,10 @@ Like API Gateway's import: every path and method becomes a route; the function c
 integration becomes a mock route (its canned response, no function; with only mocks there is no Upstream), and
 `x-amazon-apigateway-cors` becomes every route's `options.cors`. The documents built are checked with the model's
 own parser and resolver before anything is written, so what is written is exactly what the control plane accepts.
+Security schemes with an `x-amazon-apigateway-authorizer` (JWT, Lambda REQUEST/TOKEN, Cognito) become
+`spec.authorizers`, an `x-api-key` scheme `spec.api_keys`, security requirements `spec.auth` and `routes[].auth`, and
+a non-proxy (`type: aws`) integration `routes[].integration`. The `x-lambdagate-*` extensions that
+`lambdagate export-openapi` writes are read back, so that an export imports as the same routes.
 Every problem is an OpenApiError naming where it is in the document
 (`paths./pets/{id}.get.x-amazon-apigateway-integration.uri`) or which option to change.
 """
@@ -19,7 +23,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -33,9 +37,11 @@ from controlplane.model.resources import (
     API_GROUP,
     DEFAULT_NAMESPACE,
     DNS_LABEL_RE,
+    FUNCTION_NAME_RE,
     KIND_UPSTREAM,
     KIND_VIRTUAL_SERVICE,
     LATEST,
+    NO_AUTHORIZER,
     PARAM_RE,
     Endpoint,
 )
@@ -84,6 +90,37 @@ SUBSTITUTION_RE = re.compile(r"\$\{[^}]*\}")
 # What Lambda accepts as a function name: an operationId outside this cannot name a function.
 FUNCTION_BASE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TIMEOUT_MS = 900_000
+
+# Security schemes (API Gateway's authorizers).
+AUTHORIZER = "x-amazon-apigateway-authorizer"
+AUTHTYPE = "x-amazon-apigateway-authtype"
+API_KEY_HEADER = "x-api-key"
+IDENTITY_RE = re.compile(r"(?:method\.request|\$request)\.(header|querystring)\.(.+)")
+COGNITO_POOL_RE = re.compile(
+    r"arn:aws[a-zA-Z-]*:cognito-idp:(?P<region>[a-z0-9-]+):[0-9]{12}:userpool/(?P<pool>.+)"
+)
+AUTHORIZER_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
+MAX_AUTHORIZER_TTL_S = 3600
+# What `lambdagate export-openapi` writes for what API Gateway's dialect cannot say; read back here so that an
+# export imports as the same routes. Where one is present it wins over the standard fields it refines.
+X_VIRTUAL_SERVICE = "x-lambdagate-virtual-service"  # {name, namespace}
+X_DOMAINS = "x-lambdagate-domains"
+X_STAGE = "x-lambdagate-stage"  # {name, variables}
+X_REGION = "x-lambdagate-region"
+X_FUNCTIONS = "x-lambdagate-functions"  # logical name -> {function_name, qualifier}
+X_PATHS = "x-lambdagate-paths"  # routes OpenAPI paths cannot hold: [{path|prefix|regex: ..., get: ...}]
+X_TEMPLATES = "x-lambdagate-templates"  # jinja2: the mapping templates are lambdagate's, not Velocity
+X_AUTH = "x-lambdagate-auth"  # spec.auth or routes[].auth as written, where security alone would differ
+X_ROUTE = "x-lambdagate-route"  # the route's index in spec.routes: order, and methods of one route
+X_METHODS = "x-lambdagate-methods"
+X_PREFIX = "x-lambdagate-prefix"
+X_DESTINATION = "x-lambdagate-destination"  # function, function_name, function_param or functions
+X_OPTIONS = "x-lambdagate-options"  # route options API Gateway has no field for
+X_MOCK = "x-lambdagate-mock"
+X_INTEGRATION = "x-lambdagate-integration"
+X_AUTHORIZER = "x-lambdagate-authorizer"  # jwks, query, function, ttl
+X_API_KEYS = "x-lambdagate-api-keys"  # spec.api_keys: secret_ref, rate_limit, limits
+MATCHER_KINDS = ("path", "prefix", "regex")
 
 # Segment kinds, most specific first: literal, literal with a parameter inside, parameter, greedy parameter.
 _LITERAL, _MIXED, _PARAM, _GREEDY = 0, 1, 2, 3
@@ -166,11 +203,24 @@ class _Target:
 class _Route:
     location: str  # paths./pets.get
     method: str | None  # None: any method
-    target: _Target | None  # None: a mock route
-    options: dict[str, str]
+    target: _Target | None  # None: a mock route (or a lambdagate destination with no uri)
+    options: dict[str, Any]
     mock: dict[str, Any] | None = None  # the route's `mock` (status, headers, body)
     # A field of the route document (`mock.status`) -> where in the document it comes from, for errors.
     fields: dict[str, str] = field(default_factory=dict)
+    # What lambdagate's own extensions (written by `lambdagate export-openapi`) add; see _route_extensions.
+    index: int | None = None  # x-lambdagate-route: the route's place in spec.routes
+    position: int = 0  # the operation's place in its path item
+    methods: list[str] | None = None  # x-lambdagate-methods
+    prefix: str | None = None  # x-lambdagate-prefix
+    destination: dict[str, Any] | None = None  # x-lambdagate-destination (without upstream)
+    auth: dict[str, Any] = field(default_factory=dict)  # routes[].auth
+    integration: dict[str, Any] | None = None  # routes[].integration (type aws)
+    merged: list[str | None] = field(default_factory=list)  # the methods of the operations merged into it
+
+    @property
+    def is_mock(self) -> bool:
+        return self.mock is not None
 
 
 @dataclass
@@ -180,6 +230,7 @@ class _Path:
     matcher_path: str  # with the base path
     catch_all: bool  # HTTP APIs' $default: a prefix route, last
     routes: list[_Route] = field(default_factory=list)
+    kind: str = "path"  # an entry of x-lambdagate-paths may be a prefix or a regex
 
 
 # --- reading -------------------------------------------------------------------------------------------------
@@ -233,11 +284,18 @@ def import_openapi(doc: Any, options: ImportOptions | None = None) -> ImportResu
         raw_base, where = _document_base_path(doc, is_swagger)
         base = _normalize_base(raw_base, where)
     warnings: list[str] = []
-    items = _collect(doc, base, options, warnings)
+    ext = _document_extensions(doc)
+    options = _with_document_defaults(options, ext)
+    security = _security(doc, is_swagger, dict(options.stage_variables), warnings)
+    items = _collect(doc, base, options, warnings, security)
     cors, cors_fields = _cors(doc, warnings)
-    ordered = _specific_first(items)
-    notes = _reorder_notes(items, ordered)
-    warnings.extend(_unreachable_warnings(ordered))
+    placed = _by_index(items, warnings)
+    notes: list[str] = []
+    if placed is None:
+        ordered = _specific_first(items)
+        notes = _reorder_notes(items, ordered)
+        warnings.extend(_unreachable_warnings(ordered))
+        placed = [(p, r) for p in ordered for r in p.routes]
 
     title = doc.get("info", {}).get("title") if isinstance(doc.get("info"), dict) else None
     vs_name = options.name or _slug(title if isinstance(title, str) else "") or "openapi"
@@ -249,9 +307,17 @@ def import_openapi(doc: Any, options: ImportOptions | None = None) -> ImportResu
             )
     if options.secret_ref is not None and not DNS_LABEL_RE.fullmatch(options.secret_ref):
         raise OpenApiError(f"{options.secret_ref!r} is not a Secret name", location="--secret-ref")
-    all_routes = [r for p in items for r in p.routes]
+    all_routes = [r for _, r in placed]
+    for r in all_routes:
+        if r.destination is not None and not _destination_agrees(r, ext.functions):
+            warnings.append(
+                f"{r.location}: {X_DESTINATION} names another function than the integration's uri; "
+                "the uri is used"
+            )
+            r.destination = None
+    lambda_schemes = [s for s in security.schemes.values() if s.kind == "lambda"]
     # Mock routes answer by themselves: with no function at all, there is no Upstream to write.
-    needs_upstream = any(r.target is not None for r in all_routes)
+    needs_upstream = any(not r.is_mock for r in all_routes) or bool(lambda_schemes)
     if not needs_upstream:
         unused = [
             flag
@@ -267,24 +333,34 @@ def import_openapi(doc: Any, options: ImportOptions | None = None) -> ImportResu
             warnings.append(
                 f"{', '.join(unused)}: not used: every route is a mock, so no Upstream is written"
             )
-    region = _region(all_routes, options) if needs_upstream else ""
+    targets = [r.target for r in all_routes if r.target is not None]
+    targets += [s.target for s in lambda_schemes if s.target is not None]
+    region = _region(targets, options, ext.region) if needs_upstream else ""
 
-    # One spec.functions entry per distinct function, in the document's order.
+    # One spec.functions entry per distinct function: those the document names in x-lambdagate-functions, then
+    # the others in the document's order.
     logical: dict[tuple[str, str | None], str] = {}
     functions: list[dict[str, Any]] = []
     function_locations: list[str] = []
-    for r in all_routes:
-        if r.target is None:
-            continue
-        key = (r.target.function_name, r.target.qualifier)
+    for fname, fspec in ext.functions.items():
+        logical.setdefault((fspec["function_name"], fspec.get("qualifier")), fname)
+        functions.append({"name": fname, "spec": copy.deepcopy(fspec)})
+        function_locations.append(f"{X_FUNCTIONS}.{fname}")
+    taken = {f["name"] for f in functions}
+    # In the document's order (not the routes'), as the paths list them.
+    named = [r.target for p in items for r in p.routes if r.target is not None and r.destination is None]
+    named += [s.target for s in lambda_schemes if s.target is not None and s.destination is None]
+    for target in named:
+        key = (target.function_name, target.qualifier)
         if key in logical:
             continue
-        logical[key] = _logical_name(r.target.hint, set(logical.values()))
-        fspec = {"function_name": r.target.function_name}
-        if r.target.qualifier:
-            fspec["qualifier"] = r.target.qualifier
+        logical[key] = _logical_name(target.hint, taken)
+        taken.add(logical[key])
+        fspec = {"function_name": target.function_name}
+        if target.qualifier:
+            fspec["qualifier"] = target.qualifier
         functions.append({"name": logical[key], "spec": fspec})
-        function_locations.append(r.target.location)
+        function_locations.append(target.location)
     up_spec: dict[str, Any] = {"region": region}
     if options.secret_ref:
         up_spec["secret_ref"] = options.secret_ref
@@ -294,40 +370,70 @@ def import_openapi(doc: Any, options: ImportOptions | None = None) -> ImportResu
 
     route_docs: list[dict[str, Any]] = []
     route_sources: list[tuple[str, dict[str, str]]] = []
-    for p in ordered:
-        for r in p.routes:
-            matcher: dict[str, Any] = {"prefix": p.matcher_path} if p.catch_all else {"path": p.matcher_path}
-            if r.method is not None:
-                matcher["methods"] = [r.method]
-            rdoc: dict[str, Any] = {"matcher": matcher}
-            if r.target is None:
-                rdoc["mock"] = copy.deepcopy(r.mock)
-            else:
-                function = logical[(r.target.function_name, r.target.qualifier)]
-                rdoc["destination"] = {"upstream": up_name, "function": function}
-            route_options: dict[str, Any] = dict(r.options)
-            if cors is not None:
-                # A copy per route: one shared object would be written as YAML anchors and aliases.
-                route_options["cors"] = copy.deepcopy(cors)
-            if route_options:
-                rdoc["options"] = route_options
-            route_docs.append(rdoc)
-            route_sources.append((r.location, {**r.fields, **cors_fields}))
+    for p, r in placed:
+        kind = "prefix" if p.catch_all else p.kind
+        matcher: dict[str, Any] = {kind: p.matcher_path}
+        if r.prefix is not None:
+            matcher = {"prefix": _join(base, r.prefix)}
+        methods = r.methods if r.methods is not None else _group_methods(r)
+        if methods:
+            matcher["methods"] = list(methods)
+        rdoc: dict[str, Any] = {"matcher": matcher}
+        if r.is_mock:
+            rdoc["mock"] = copy.deepcopy(r.mock)
+        elif r.destination is not None:
+            rdoc["destination"] = {"upstream": up_name, **copy.deepcopy(r.destination)}
+        else:
+            assert r.target is not None
+            function = logical[(r.target.function_name, r.target.qualifier)]
+            rdoc["destination"] = {"upstream": up_name, "function": function}
+        route_options: dict[str, Any] = copy.deepcopy(r.options)
+        if cors is not None and "cors" not in route_options:
+            # A copy per route: one shared object would be written as YAML anchors and aliases.
+            route_options["cors"] = copy.deepcopy(cors)
+        if route_options:
+            rdoc["options"] = route_options
+        if r.auth:
+            rdoc["auth"] = copy.deepcopy(r.auth)
+        if r.integration is not None:
+            rdoc["integration"] = copy.deepcopy(r.integration)
+        route_docs.append(rdoc)
+        route_sources.append((r.location, {**r.fields, **cors_fields}))
     vs_spec: dict[str, Any] = {}
     if options.domains:
         vs_spec["domains"] = list(options.domains)
+    if ext.stage is not None:
+        vs_spec["stage"] = ext.stage
     if options.stage_variables:
         vs_spec["stage_variables"] = dict(sorted(options.stage_variables))
+    authorizers = _authorizer_docs(security, up_name, logical)
+    if authorizers:
+        vs_spec["authorizers"] = authorizers
+    if security.auth:
+        vs_spec["auth"] = copy.deepcopy(security.auth)
+    api_keys = security.api_keys
+    wants_keys = security.base[2] or any(r.auth.get("api_key_required") for r in all_routes)
+    if api_keys is None and wants_keys:
+        api_keys = {"secret_ref": f"{vs_name}-api-keys"}
+        warnings.append(
+            f"the API key scheme names no Secret ({X_API_KEYS}.secret_ref): spec.api_keys.secret_ref is "
+            f"{vs_name}-api-keys; create that Secret with one entry per key (name: key)"
+        )
+    if api_keys is not None:
+        vs_spec["api_keys"] = copy.deepcopy(api_keys)
     vs_spec["routes"] = route_docs
 
     upstream = _document(KIND_UPSTREAM, up_name, options.namespace, up_spec) if needs_upstream else None
     virtual_service = _document(KIND_VIRTUAL_SERVICE, vs_name, options.namespace, vs_spec)
-    _check(upstream, virtual_service, options, route_sources, function_locations)
+    _check(upstream, virtual_service, options, route_sources, function_locations, security)
     return ImportResult(upstream, virtual_service, version, warnings, notes)
 
 
-def _collect(doc: dict[str, Any], base: str, options: ImportOptions, warnings: list[str]) -> list[_Path]:
-    """The document's paths with the routes of their operations, in document order."""
+def _collect(
+    doc: dict[str, Any], base: str, options: ImportOptions, warnings: list[str], security: _Security
+) -> list[_Path]:
+    """The document's paths with the routes of their operations, in document order; then the routes of
+    x-lambdagate-paths (those an export could not write as OpenAPI paths)."""
     paths = doc.get("paths")
     if paths is None:
         raise OpenApiError("missing: the document has no operations to import", location="paths")
@@ -335,7 +441,6 @@ def _collect(doc: dict[str, Any], base: str, options: ImportOptions, warnings: l
         raise OpenApiError(
             f"must be a mapping of paths to operations, got {_typename(paths)}", location="paths"
         )
-    stage_variables = dict(options.stage_variables)
     secured: list[str] = []
     items: list[_Path] = []
     for index, (raw_path, item) in enumerate(paths.items()):
@@ -357,43 +462,78 @@ def _collect(doc: dict[str, Any], base: str, options: ImportOptions, warnings: l
             entry = _Path(index, ploc, _join(base, raw_path), catch_all=False)
         else:
             raise OpenApiError("a path must start with '/'", location=ploc)
-        for key in item:
-            if key not in OPERATION_KEYS and key not in PATH_ITEM_FIELDS and not str(key).startswith("x-"):
-                warnings.append(f"{ploc}.{key}: not an operation lambdagate imports; ignored")
-        for key in (k for k in OPERATION_KEYS if k in item):
-            oloc = f"{ploc}.{key}"
-            op = item[key]
-            if not isinstance(op, dict):
-                raise OpenApiError(f"an operation must be a mapping, got {_typename(op)}", location=oloc)
-            try:
-                route = _route(op, oloc, key, doc, stage_variables, options, warnings)
-            except _Unsupported as why:
-                if not options.skip_unsupported:
-                    raise OpenApiError(
-                        f"{why} (--skip-unsupported skips such operations)", location=oloc
-                    ) from None
-                warnings.append(f"{oloc}: skipped: {why}")
-                continue
-            if route is None:
-                continue
-            if _requires_authorization(op, doc):
-                secured.append(oloc)
-            entry.routes.append(route)
+        _path_routes(entry, item, doc, options, warnings, security, secured)
         if entry.routes:
             items.append(entry)
-
+    extra = doc.get(X_PATHS) or []
+    if not isinstance(extra, list):
+        raise OpenApiError(f"must be a list of path items, got {_typename(extra)}", location=X_PATHS)
+    for n, item in enumerate(extra):
+        ploc = f"{X_PATHS}[{n}]"
+        if not isinstance(item, dict):
+            raise OpenApiError(f"must be a mapping, got {_typename(item)}", location=ploc)
+        kinds = [k for k in MATCHER_KINDS if k in item]
+        value = item.get(kinds[0]) if len(kinds) == 1 else None
+        if not isinstance(value, str) or not value:
+            raise OpenApiError("needs exactly one of path, prefix or regex (a string)", location=ploc)
+        if kinds[0] != "regex":
+            value = _join(base, value)
+        entry = _Path(len(paths) + n, ploc, value, catch_all=False, kind=kinds[0])
+        item = {k: v for k, v in item.items() if k not in MATCHER_KINDS}
+        _path_routes(entry, item, doc, options, warnings, security, secured)
+        if entry.routes:
+            items.append(entry)
     if secured:
         verb = "requires" if len(secured) == 1 else "require"
         warnings.append(
-            f"{_count(len(secured), 'operation')} {verb} authorization (security or x-amazon-apigateway-auth), "
-            f"first {secured[0]}; lambdagate has no authorizers yet, so these routes are open to anyone who "
-            "can reach the gateway"
+            f"{_count(len(secured), 'operation')} {verb} authorization (security or x-amazon-apigateway-auth) "
+            f"by schemes lambdagate does not import, first {secured[0]}; lambdagate does not enforce it, so "
+            "these routes are open to anyone who can reach the gateway"
         )
     if not items:
         raise OpenApiError(
             "no operation to import: every operation was skipped", location="paths", warnings=warnings
         )
     return items
+
+
+def _path_routes(
+    entry: _Path,
+    item: dict[str, Any],
+    doc: dict[str, Any],
+    options: ImportOptions,
+    warnings: list[str],
+    security: _Security,
+    secured: list[str],
+) -> None:
+    """Add a path item's operations to entry as routes."""
+    ploc = entry.location
+    stage_variables = dict(options.stage_variables)
+    for key in item:
+        if key not in OPERATION_KEYS and key not in PATH_ITEM_FIELDS and not str(key).startswith("x-"):
+            warnings.append(f"{ploc}.{key}: not an operation lambdagate imports; ignored")
+    positions = {key: n for n, key in enumerate(item)}
+    for key in (k for k in OPERATION_KEYS if k in item):
+        oloc = f"{ploc}.{key}"
+        op = item[key]
+        if not isinstance(op, dict):
+            raise OpenApiError(f"an operation must be a mapping, got {_typename(op)}", location=oloc)
+        try:
+            route = _route(op, oloc, key, doc, stage_variables, options, warnings)
+        except _Unsupported as why:
+            if not options.skip_unsupported:
+                raise OpenApiError(
+                    f"{why} (--skip-unsupported skips such operations)", location=oloc
+                ) from None
+            warnings.append(f"{oloc}: skipped: {why}")
+            continue
+        if route is None:
+            continue
+        route.position = positions[key]
+        route.auth, unsupported = _operation_auth(op, oloc, security, route, warnings)
+        if unsupported:
+            secured.append(oloc)
+        entry.routes.append(route)
 
 
 def _document(kind: str, name: str, namespace: str | None, spec: dict[str, Any]) -> dict[str, Any]:
@@ -519,6 +659,32 @@ def _route(
     warnings: list[str],
 ) -> _Route | None:
     method = None if key == ANY_METHOD else key.upper()
+    ext = _route_extensions(op, oloc)
+    route = _operation_route(op, oloc, method, doc, stage_variables, options, warnings, ext)
+    if route is None:
+        return None
+    route.index = ext.get(X_ROUTE)
+    route.methods = ext.get(X_METHODS)
+    route.prefix = ext.get(X_PREFIX)
+    for name, value in ext.get(X_OPTIONS, {}).items():
+        route.options[name] = copy.deepcopy(value)
+        route.fields[f"options.{name}"] = f"{oloc}.{X_OPTIONS}.{name}"
+    for name in route.destination or {}:
+        route.fields[f"destination.{name}"] = f"{oloc}.{X_DESTINATION}.{name}"
+    return route
+
+
+def _operation_route(
+    op: dict[str, Any],
+    oloc: str,
+    method: str | None,
+    doc: dict[str, Any],
+    stage_variables: dict[str, str],
+    options: ImportOptions,
+    warnings: list[str],
+    ext: dict[str, Any],
+) -> _Route | None:
+    destination = ext.get(X_DESTINATION)
     if INTEGRATION in op:
         iloc = f"{oloc}.{INTEGRATION}"
         integration = _deref(op[INTEGRATION], doc, iloc)
@@ -529,8 +695,12 @@ def _route(
             raise OpenApiError(f"must be a string, got {_typename(itype)}", location=f"{iloc}.type")
         itype = (itype or "").lower()
         if itype == "mock":
-            mock, fields = _mock(integration, iloc, doc, warnings)
-            return _Route(oloc, method, None, {}, mock, fields)
+            if X_MOCK in ext:
+                return _Route(
+                    oloc, method, None, {}, copy.deepcopy(ext[X_MOCK]), {"mock": f"{oloc}.{X_MOCK}"}
+                )
+            mock, mock_fields = _mock(integration, iloc, doc, warnings)
+            return _Route(oloc, method, None, {}, mock, mock_fields)
         if itype in ("http", "http_proxy"):
             raise _Unsupported(
                 f"an {itype} integration does not invoke Lambda; lambdagate routes to Lambda only"
@@ -545,16 +715,38 @@ def _route(
                 f"an {integration['integrationSubtype']} integration does not invoke Lambda; "
                 "lambdagate routes to Lambda only"
             )
-        target = _target_from_uri(integration.get("uri"), f"{iloc}.uri", stage_variables)
+        if destination is not None:
+            # lambdagate's own destination says which function; the uri (if any) only where, for the region.
+            target = _soft_target(integration.get("uri"), f"{iloc}.uri", stage_variables)
+        else:
+            target = _target_from_uri(integration.get("uri"), f"{iloc}.uri", stage_variables)
+        mapping: dict[str, Any] | None = None
+        fields: dict[str, str] = {}
         if itype == "aws":
-            raise _Unsupported(
-                "a non-proxy Lambda integration (type aws) needs mapping templates, which lambdagate does not "
-                "have; use type aws_proxy"
-            )
+            if X_INTEGRATION in ext:
+                mapping = copy.deepcopy(ext[X_INTEGRATION])
+                fields["integration"] = f"{oloc}.{X_INTEGRATION}"
+            elif not any(k in integration for k in ("requestTemplates", "responses", "passthroughBehavior")):
+                raise _Unsupported(
+                    "a non-proxy Lambda integration (type aws) needs mapping templates (requestTemplates or "
+                    "responses); give them, or use type aws_proxy"
+                )
+            else:
+                mapping = _aws_integration(
+                    integration, iloc, doc, warnings, jinja=doc.get(X_TEMPLATES) == "jinja2"
+                )
+                fields["integration"] = iloc
         for name in IGNORED_INTEGRATION_FIELDS:
             if integration.get(name):
                 warnings.append(f"{iloc}.{name}: not applied by lambdagate; ignored")
-        return _Route(oloc, method, target, _route_options(integration, iloc))
+        opts: dict[str, Any] = dict(_route_options(integration, iloc))
+        if mapping is not None and opts.pop("payload_format", None) is not None:
+            warnings.append(
+                f"{iloc}.payloadFormatVersion: a non-proxy integration builds its own payload; ignored"
+            )
+        return _Route(oloc, method, target, opts, fields=fields, destination=destination, integration=mapping)
+    if destination is not None:
+        return _Route(oloc, method, None, {}, destination=destination)
     op_id = op.get("operationId")
     if op_id is not None:
         where = f"{oloc}.operationId"
@@ -612,23 +804,8 @@ def _mock(
     fields["mock.status"] = f"{rloc}.statusCode"
 
     headers: dict[str, str] = {}
-    ploc = f"{rloc}.responseParameters"
-    parameters = response.get("responseParameters") or {}
-    if not isinstance(parameters, dict):
-        raise OpenApiError(f"must be a mapping, got {_typename(parameters)}", location=ploc)
-    for target, value in parameters.items():
-        where = f"{ploc}.{target}"
-        if not isinstance(target, str) or not target.startswith(RESPONSE_HEADER):
-            warnings.append(f"{where}: not a response header (method.response.header.NAME); ignored")
-            continue
-        if not (isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == "'"):
-            warnings.append(
-                f"{where}: {value!r} is not a quoted literal such as \"'value'\"; lambdagate maps no "
-                "integration, context or stage variable values; ignored"
-            )
-            continue
-        name = target[len(RESPONSE_HEADER) :]
-        headers[name] = value[1:-1]
+    for name, value, where in _response_headers(response, rloc, warnings):
+        headers[name] = value
         fields[f"mock.headers.{name}"] = where
 
     templates = response.get("responseTemplates") or {}
@@ -659,6 +836,29 @@ def _mock(
         mock["body"] = body
         fields["mock.body"] = tloc
     return mock, fields
+
+
+def _response_headers(response: dict[str, Any], rloc: str, warnings: list[str]) -> list[tuple[str, str, str]]:
+    """An integration response's headers: its quoted-literal `method.response.header.*` parameters, as
+    (name, value, where)."""
+    out: list[tuple[str, str, str]] = []
+    ploc = f"{rloc}.responseParameters"
+    parameters = response.get("responseParameters") or {}
+    if not isinstance(parameters, dict):
+        raise OpenApiError(f"must be a mapping, got {_typename(parameters)}", location=ploc)
+    for target, value in parameters.items():
+        where = f"{ploc}.{target}"
+        if not isinstance(target, str) or not target.startswith(RESPONSE_HEADER):
+            warnings.append(f"{where}: not a response header (method.response.header.NAME); ignored")
+            continue
+        if not (isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == "'"):
+            warnings.append(
+                f"{where}: {value!r} is not a quoted literal such as \"'value'\"; lambdagate maps no "
+                "integration, context or stage variable values; ignored"
+            )
+            continue
+        out.append((target[len(RESPONSE_HEADER) :], value[1:-1], where))
+    return out
 
 
 def _mock_response_key(
@@ -831,26 +1031,669 @@ def _route_options(integration: dict[str, Any], iloc: str) -> dict[str, str]:
     return opts
 
 
-def _requires_authorization(op: dict[str, Any], doc: dict[str, Any]) -> bool:
-    if op.get("x-amazon-apigateway-auth"):
-        auth = op["x-amazon-apigateway-auth"]
-        if not (isinstance(auth, dict) and str(auth.get("type", "")).upper() == "NONE"):
-            return True
-    security = op["security"] if "security" in op else doc.get("security")
-    if not isinstance(security, list) or not security:
+# --- lambdagate's own extensions -----------------------------------------------------------------------------
+
+
+@dataclass
+class _DocumentExtensions:
+    """What `lambdagate export-openapi` wrote at the top of the document."""
+
+    name: str | None = None
+    namespace: str | None = None
+    domains: list[str] | None = None
+    stage: str | None = None
+    stage_variables: dict[str, str] = field(default_factory=dict)
+    region: str | None = None
+    functions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _ext_mapping(container: dict[str, Any], key: str, location: str | None = None) -> dict[str, Any]:
+    value = container.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise OpenApiError(f"must be a mapping, got {_typename(value)}", location=location or key)
+    return value
+
+
+def _ext_str(value: Any, location: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise OpenApiError(f"must be a string, got {_typename(value)}", location=location)
+    return value
+
+
+def _document_extensions(doc: dict[str, Any]) -> _DocumentExtensions:
+    ext = _DocumentExtensions()
+    vs = _ext_mapping(doc, X_VIRTUAL_SERVICE)
+    ext.name = _ext_str(vs.get("name"), f"{X_VIRTUAL_SERVICE}.name")
+    ext.namespace = _ext_str(vs.get("namespace"), f"{X_VIRTUAL_SERVICE}.namespace")
+    if X_DOMAINS in doc:
+        domains = doc[X_DOMAINS]
+        if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+            raise OpenApiError("must be a list of host names", location=X_DOMAINS)
+        ext.domains = list(domains)
+    stage = _ext_mapping(doc, X_STAGE)
+    ext.stage = _ext_str(stage.get("name"), f"{X_STAGE}.name")
+    for key, value in _ext_mapping(stage, "variables", f"{X_STAGE}.variables").items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise OpenApiError(
+                f"must be a string, got {_typename(value)}", location=f"{X_STAGE}.variables.{key}"
+            )
+        ext.stage_variables[str(key)] = str(value)
+    ext.region = _ext_str(doc.get(X_REGION), X_REGION)
+    for name, spec in _ext_mapping(doc, X_FUNCTIONS).items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("function_name"), str):
+            raise OpenApiError(
+                "must be a mapping {function_name, qualifier} (the function this logical name invokes)",
+                location=f"{X_FUNCTIONS}.{name}",
+            )
+        ext.functions[str(name)] = spec
+    return ext
+
+
+def _with_document_defaults(options: ImportOptions, ext: _DocumentExtensions) -> ImportOptions:
+    """The options, with what the document's extensions say where no flag does."""
+    variables = {**ext.stage_variables, **dict(options.stage_variables)}
+    namespace = options.namespace
+    if namespace is None and ext.namespace and ext.namespace != DEFAULT_NAMESPACE:
+        namespace = ext.namespace
+    return replace(
+        options,
+        name=options.name or ext.name,
+        namespace=namespace,
+        domains=options.domains or tuple(ext.domains or ()),
+        stage_variables=tuple(sorted(variables.items())),
+    )
+
+
+def _route_extensions(op: dict[str, Any], oloc: str) -> dict[str, Any]:
+    """An operation's x-lambdagate-* extensions, checked for their shape (the model's parser checks the rest)."""
+    out: dict[str, Any] = {}
+    for key in (X_ROUTE, X_METHODS, X_PREFIX, X_DESTINATION, X_OPTIONS, X_MOCK, X_INTEGRATION):
+        if key not in op:
+            continue
+        value, where = op[key], f"{oloc}.{key}"
+        if key == X_ROUTE:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise OpenApiError(f"must be a route's index (0, 1, ...), got {value!r}", location=where)
+        elif key == X_METHODS:
+            if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+                raise OpenApiError("must be a list of HTTP methods", location=where)
+        elif key == X_PREFIX:
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise OpenApiError(f"must be a path prefix such as /api, got {value!r}", location=where)
+        elif not isinstance(value, dict):
+            raise OpenApiError(f"must be a mapping, got {_typename(value)}", location=where)
+        out[key] = copy.deepcopy(value)
+    return out
+
+
+def _by_index(items: list[_Path], warnings: list[str]) -> list[tuple[_Path, _Route]] | None:
+    """The routes in the order of their x-lambdagate-route, the operations of one route merged back into it;
+    None when the operations do not all have one (then API Gateway's order applies)."""
+    placed = [(p, r) for p in items for r in p.routes]
+    indexed = [r.index is not None for _, r in placed]
+    if not any(indexed):
+        return None
+    if not all(indexed):
+        warnings.append(
+            f"{X_ROUTE} is on some operations only: routes are ordered as API Gateway would (most specific first)"
+        )
+        return None
+    groups: dict[int, list[tuple[_Path, _Route]]] = {}
+    for p, r in placed:
+        assert r.index is not None
+        groups.setdefault(r.index, []).append((p, r))
+    out: list[tuple[_Path, _Route]] = []
+    for index in sorted(groups):
+        group = groups[index]
+        first_path, first = group[0]
+        if len(group) == 1:
+            out.append(group[0])
+        elif all(p is first_path and _route_key(r) == _route_key(first) for p, r in group[1:]):
+            first.merged = [r.method for r in sorted((r for _, r in group), key=lambda r: r.position)]
+            out.append(group[0])
+        else:
+            warnings.append(
+                f"{first.location} and {group[1][1].location}: the same {X_ROUTE} ({index}) on operations that "
+                "differ; imported as separate routes"
+            )
+            out.extend(group)
+    return out
+
+
+def _route_key(r: _Route) -> str:
+    """What must be the same for operations to be one route (everything but the method)."""
+    target = (r.target.function_name, r.target.qualifier) if r.target is not None else None
+    parts = [target, r.options, r.mock, r.destination, r.auth, r.integration, r.prefix, r.methods]
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _group_methods(r: _Route) -> list[str]:
+    methods = r.merged or [r.method]
+    return [] if None in methods else [m for m in methods if m is not None]
+
+
+def _soft_target(uri: Any, where: str, stage_variables: dict[str, str]) -> _Target | None:
+    """The uri's function when it names one; else (a plain function name, as an export without --account-id
+    writes) only its region."""
+    if uri is None:
+        return None
+    try:
+        return _target_from_uri(uri, where, stage_variables)
+    except (OpenApiError, _Unsupported):
+        m = (
+            re.match(r"arn:aws[a-zA-Z-]*:apigateway:([a-z0-9-]+):lambda:", uri)
+            if isinstance(uri, str)
+            else None
+        )
+        return _Target("", None, m.group(1) if m else None, "", where)
+
+
+def _destination_agrees(r: _Route, functions: dict[str, dict[str, Any]]) -> bool:
+    """Whether x-lambdagate-destination names the function the uri does (someone may have edited the uri)."""
+    dest, target = r.destination, r.target
+    if dest is None or target is None or not target.function_name:
+        return True
+    if "function" in dest:
+        spec = functions.get(str(dest["function"]))
+        if spec is None:
+            return True  # the check reports the unknown name
+        return _same_function(target, spec.get("function_name"), spec.get("qualifier"))
+    if "function_name" in dest:
+        return _same_function(target, dest["function_name"], None)
+    return True
+
+
+def _same_function(target: _Target, function_name: Any, qualifier: Any) -> bool:
+    if not isinstance(function_name, str):
+        return True
+    m = FUNCTION_NAME_RE.fullmatch(function_name)
+    arn = LAMBDA_ARN_RE.fullmatch(target.function_name)
+    if m is None or arn is None:
+        return True
+    q = m.group(9) or qualifier
+    if q == LATEST:
+        q = None
+    if m.group(7) != arn["name"] or q != target.qualifier:
         return False
-    # An empty requirement ({}) in the list makes authorization optional.
-    return all(isinstance(req, dict) and req for req in security)
+    region, account = (m.group(3) or "").rstrip(":"), (m.group(5) or "").rstrip(":")
+    return (not region or region == arn["region"]) and (not account or account == arn["account"])
+
+
+def _status(raw: Any, where: str) -> int:
+    if isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise OpenApiError(f"must be an HTTP status code such as 200, got {raw!r}", location=where)
+    return raw
+
+
+def _chosen_template(templates: Any, tloc: str, warnings: list[str], what: str) -> tuple[str, Any] | None:
+    """(content type, template) of a template mapping: application/json's, else the first."""
+    if not templates:
+        return None
+    if not isinstance(templates, dict):
+        raise OpenApiError(f"must be a mapping, got {_typename(templates)}", location=tloc)
+    content_type = "application/json" if "application/json" in templates else next(iter(templates))
+    if len(templates) > 1:
+        warnings.append(f"{tloc}: lambdagate has one {what} template; {content_type}'s is used")
+    body = templates[content_type]
+    if body is not None and not isinstance(body, str):
+        raise OpenApiError(
+            f"must be a string (a mapping template), got {_typename(body)}", location=f"{tloc}.{content_type}"
+        )
+    return str(content_type), body
+
+
+def _aws_integration(
+    integration: dict[str, Any], iloc: str, doc: dict[str, Any], warnings: list[str], *, jinja: bool
+) -> dict[str, Any]:
+    """A non-proxy (type aws) integration as the route's `integration`: the request template, and the responses
+    keyed by selection pattern (`default`: the successful call's). lambdagate's templates are Jinja2: one that
+    Velocity would evaluate ($input..., #set...) is unsupported, unless the document says its templates are
+    lambdagate's (x-lambdagate-templates: jinja2, as an export does)."""
+
+    def velocity(text: str, where: str) -> None:
+        if not jinja and VELOCITY_RE.search(text):
+            raise _Unsupported(
+                f"{where} is a Velocity template; lambdagate's mapping templates are Jinja2, so rewrite it"
+            )
+
+    out: dict[str, Any] = {}
+    tloc = f"{iloc}.requestTemplates"
+    chosen = _chosen_template(
+        _deref(integration.get("requestTemplates"), doc, tloc), tloc, warnings, "request"
+    )
+    if chosen is not None and chosen[1] is not None:
+        out["request_template"] = chosen[1]
+        velocity(chosen[1], f"{tloc}.{chosen[0]}")
+    rloc = f"{iloc}.responses"
+    responses = _deref(integration.get("responses"), doc, rloc) or {}
+    if not isinstance(responses, dict):
+        raise OpenApiError(f"must be a mapping, got {_typename(responses)}", location=rloc)
+    items: list[dict[str, Any]] = []
+    for key, raw in responses.items():
+        where = f"{rloc}.{key}"
+        response = _deref(raw, doc, where) or {}
+        if not isinstance(response, dict):
+            raise OpenApiError(f"must be a mapping, got {_typename(response)}", location=where)
+        item: dict[str, Any] = {"status": _status(response.get("statusCode", 200), f"{where}.statusCode")}
+        if key != "default":
+            item["pattern"] = str(key)
+        tloc = f"{where}.responseTemplates"
+        chosen = _chosen_template(response.get("responseTemplates"), tloc, warnings, "response")
+        if chosen is not None:
+            if chosen[1] is not None:
+                item["template"] = chosen[1]
+                velocity(chosen[1], f"{tloc}.{chosen[0]}")
+            if chosen[0] != "application/json":
+                item["content_type"] = chosen[0]
+        headers = {name: value for name, value, _ in _response_headers(response, where, warnings)}
+        if headers:
+            item["headers"] = headers
+        items.append(item)
+    if items:
+        out["responses"] = items
+    return out
+
+
+# --- security: API Gateway's authorizers and API keys ----------------------------------------------------------
+
+_Requirement = tuple[str | None, tuple[str, ...], bool]  # authorizer, scopes, API key required
+_OPEN: _Requirement = (None, (), False)
+
+
+@dataclass
+class _Scheme:
+    """A security scheme, as lambdagate reads it."""
+
+    kind: str  # jwt, lambda, api_key or unsupported
+    location: str
+    authorizer: str = ""  # its name in spec.authorizers
+    spec: dict[str, Any] = field(default_factory=dict)  # its spec.authorizers entry (lambda: no function yet)
+    target: _Target | None = None  # lambda: the function authorizerUri names
+    destination: dict[str, Any] | None = None  # lambda: x-lambdagate-authorizer's function or function_name
+    why: str = ""  # unsupported: why
+
+
+@dataclass
+class _Security:
+    schemes: dict[str, _Scheme] = field(default_factory=dict)  # by the document's name
+    api_keys: dict[str, Any] | None = None  # spec.api_keys
+    base: _Requirement = _OPEN  # the document's `security`: every route's default
+    base_unsupported: bool = False
+    auth: dict[str, Any] = field(default_factory=dict)  # spec.auth
+
+
+def _security(
+    doc: dict[str, Any], is_swagger: bool, stage_variables: dict[str, str], warnings: list[str]
+) -> _Security:
+    """components.securitySchemes (securityDefinitions) as authorizers and API keys, and the document's own
+    security requirement as spec.auth."""
+    security = _Security()
+    if is_swagger:
+        where, raw = "securityDefinitions", doc.get("securityDefinitions")
+    else:
+        components = doc.get("components")
+        where = "components.securitySchemes"
+        raw = components.get("securitySchemes") if isinstance(components, dict) else None
+    raw = _deref(raw, doc, where) or {}
+    if not isinstance(raw, dict):
+        raise OpenApiError(f"must be a mapping, got {_typename(raw)}", location=where)
+    taken: set[str] = set()
+    for name, item in raw.items():
+        loc = f"{where}.{name}"
+        scheme = _deref(item, doc, loc)
+        if not isinstance(scheme, dict):
+            raise OpenApiError(f"must be a mapping, got {_typename(scheme)}", location=loc)
+        s = _scheme(scheme, loc, stage_variables, warnings)
+        if s.kind in ("jwt", "lambda"):
+            s.authorizer = _authorizer_name(str(name), taken)
+            taken.add(s.authorizer)
+        elif s.kind == "api_key" and X_API_KEYS in scheme:
+            security.api_keys = copy.deepcopy(_ext_mapping(scheme, X_API_KEYS, f"{loc}.{X_API_KEYS}"))
+        security.schemes[str(name)] = s
+    if doc.get("security") is not None:
+        security.base, security.base_unsupported = _requirement(
+            doc["security"], "security", security, warnings
+        )
+    security.auth = _base_auth_doc(security.base)
+    if X_AUTH in doc:
+        ext = _ext_mapping(doc, X_AUTH)
+        if _effective_auth(ext, _OPEN) == security.base:
+            security.auth = copy.deepcopy(ext)
+        else:
+            warnings.append(f"{X_AUTH}: says other than `security`; `security` is used")
+    return security
+
+
+def _authorizer_name(name: str, taken: set[str]) -> str:
+    """A name spec.authorizers accepts, made from a scheme's name."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-_")[:64].rstrip("-_") or "authorizer"
+    if base == NO_AUTHORIZER:
+        base = "none-authorizer"
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base[:60].rstrip('-_')}-{n}"
+    assert AUTHORIZER_NAME_RE.fullmatch(candidate), candidate
+    return candidate
+
+
+def _scheme(
+    scheme: dict[str, Any], loc: str, stage_variables: dict[str, str], warnings: list[str]
+) -> _Scheme:
+    stype = str(scheme.get("type", "")).lower()
+    authtype = str(scheme.get(AUTHTYPE, "")).lower()
+    ext = _ext_mapping(scheme, X_AUTHORIZER, f"{loc}.{X_AUTHORIZER}")
+    if AUTHORIZER in scheme:
+        aloc = f"{loc}.{AUTHORIZER}"
+        aws = _ext_mapping(scheme, AUTHORIZER, aloc)
+        atype = str(aws.get("type", "")).lower()
+        if atype == "jwt":
+            return _jwt_scheme(aws, aloc, loc, ext, warnings)
+        if atype in ("request", "token"):
+            return _lambda_scheme(scheme, aws, atype, aloc, loc, ext, stage_variables, warnings)
+        if atype == "cognito_user_pools":
+            return _cognito_scheme(aws, aloc, loc, ext, warnings)
+        return _Scheme("unsupported", loc, why=f"an authorizer of type {atype or 'none'}")
+    if (
+        stype == "apikey"
+        and authtype not in ("custom", "awssigv4")
+        and str(scheme.get("in", "")).lower() == "header"
+        and str(scheme.get("name", "")).lower() == API_KEY_HEADER
+    ):
+        return _Scheme("api_key", loc)
+    url = scheme.get("openIdConnectUrl")
+    suffix = "/.well-known/openid-configuration"
+    if stype == "openidconnect" and isinstance(url, str) and url.endswith(suffix):
+        warnings.append(f"{loc}: an OpenID Connect scheme becomes a JWT authorizer with no audience check")
+        return _jwt_scheme_of(url[: -len(suffix)], [], "authorization", None, ext, loc, warnings)
+    why = "IAM (SigV4) authorization" if authtype == "awssigv4" else f"a {stype or 'typeless'} scheme"
+    return _Scheme("unsupported", loc, why=why)
+
+
+def _identity_sources(raw: Any, where: str, warnings: list[str]) -> list[tuple[str, str]]:
+    """`method.request.header.Authorization, $request.querystring.token` as [(header, Authorization), ...]."""
+    if raw is None:
+        return []
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise OpenApiError(f"must be a string or a list, got {_typename(raw)}", location=where)
+    out: list[tuple[str, str]] = []
+    for item in items:
+        text = str(item).strip()
+        m = IDENTITY_RE.fullmatch(text)
+        if m is None:
+            warnings.append(f"{where}: {text!r} is not a header or query string parameter; ignored")
+            continue
+        out.append(("header" if m.group(1) == "header" else "query", m.group(2)))
+    return out
+
+
+def _jwt_scheme(
+    aws: dict[str, Any], aloc: str, loc: str, ext: dict[str, Any], warnings: list[str]
+) -> _Scheme:
+    config = _ext_mapping(aws, "jwtConfiguration", f"{aloc}.jwtConfiguration")
+    issuer = config.get("issuer")
+    if not isinstance(issuer, str) or not issuer:
+        raise OpenApiError("missing: the JWT issuer", location=f"{aloc}.jwtConfiguration.issuer")
+    audience = config.get("audience") or []
+    if isinstance(audience, str):
+        audience = [audience]
+    if not isinstance(audience, list):
+        raise OpenApiError("must be a list", location=f"{aloc}.jwtConfiguration.audience")
+    sources = _identity_sources(aws.get("identitySource"), f"{aloc}.identitySource", warnings)
+    headers = [name for kind, name in sources if kind == "header"]
+    queries = [name for kind, name in sources if kind == "query"]
+    if len(headers) > 1 or len(queries) > 1:
+        warnings.append(
+            f"{aloc}.identitySource: lambdagate reads the token from the first header (or query) only"
+        )
+    header = headers[0] if headers else "authorization"
+    return _jwt_scheme_of(issuer, audience, header, queries[0] if queries else None, ext, loc, warnings)
+
+
+def _jwt_scheme_of(
+    issuer: str,
+    audiences: list[Any],
+    header: str,
+    query: str | None,
+    ext: dict[str, Any],
+    loc: str,
+    warnings: list[str],
+    *,
+    jwks: dict[str, Any] | None = None,
+) -> _Scheme:
+    spec: dict[str, Any] = {"type": "jwt", "issuer": issuer, "audiences": list(audiences)}
+    if "jwks" in ext:
+        jwks = ext["jwks"]
+    elif jwks is None:
+        jwks = {"uri": issuer.rstrip("/") + "/.well-known/jwks.json"}
+        warnings.append(
+            f"{loc}: no JWKS ({X_AUTHORIZER}.jwks): the keys are fetched from {jwks['uri']}, where Cognito "
+            "and many issuers publish them; check it"
+        )
+    spec["jwks"] = copy.deepcopy(jwks)
+    if header.lower() != "authorization":
+        spec["header"] = header
+    query = ext.get("query", query)
+    if query:
+        spec["query"] = query
+    return _Scheme("jwt", loc, spec=spec)
+
+
+def _cognito_scheme(
+    aws: dict[str, Any], aloc: str, loc: str, ext: dict[str, Any], warnings: list[str]
+) -> _Scheme:
+    arns = aws.get("providerARNs")
+    first = arns[0] if isinstance(arns, list) and arns else None
+    m = COGNITO_POOL_RE.fullmatch(first) if isinstance(first, str) else None
+    if m is None:
+        return _Scheme("unsupported", loc, why="a Cognito authorizer with no user pool ARN")
+    if isinstance(arns, list) and len(arns) > 1:
+        warnings.append(f"{aloc}.providerARNs: lambdagate trusts the first user pool only")
+    issuer = f"https://cognito-idp.{m['region']}.amazonaws.com/{m['pool']}"
+    warnings.append(
+        f"{aloc}: a Cognito user pool authorizer becomes a JWT authorizer for {issuer} (no audience check)"
+    )
+    sources = _identity_sources(aws.get("identitySource"), f"{aloc}.identitySource", warnings)
+    header = next((name for kind, name in sources if kind == "header"), "authorization")
+    jwks = {"uri": f"{issuer}/.well-known/jwks.json"}
+    return _jwt_scheme_of(issuer, [], header, None, ext, loc, warnings, jwks=jwks)
+
+
+def _lambda_scheme(
+    scheme: dict[str, Any],
+    aws: dict[str, Any],
+    atype: str,
+    aloc: str,
+    loc: str,
+    ext: dict[str, Any],
+    stage_variables: dict[str, str],
+    warnings: list[str],
+) -> _Scheme:
+    destination: dict[str, Any] | None = {
+        k: ext[k] for k in ("function", "function_name") if k in ext
+    } or None
+    where = f"{aloc}.authorizerUri"
+    if destination is not None:
+        target = _soft_target(aws.get("authorizerUri"), where, stage_variables)
+    else:
+        try:
+            target = _target_from_uri(aws.get("authorizerUri"), where, stage_variables)
+        except _Unsupported as why:
+            raise OpenApiError(str(why), location=where) from None
+    sources = _identity_sources(aws.get("identitySource"), f"{aloc}.identitySource", warnings)
+    if not sources:
+        name, place = scheme.get("name"), str(scheme.get("in", "")).lower()
+        if not isinstance(name, str) or place not in ("header", "query"):
+            raise OpenApiError(
+                "names no identity source (method.request.header.NAME)", location=f"{aloc}.identitySource"
+            )
+        sources = [(place, name)]
+    spec: dict[str, Any] = {"type": "lambda", "identity_sources": [f"{k}:{n}" for k, n in sources]}
+    if aws.get("authorizerResultTtlInSeconds") is not None:
+        ttl = aws["authorizerResultTtlInSeconds"]
+        if isinstance(ttl, str) and ttl.strip().isdigit():
+            ttl = int(ttl)
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_AUTHORIZER_TTL_S:
+            raise OpenApiError(
+                f"must be 0 to {MAX_AUTHORIZER_TTL_S} seconds, got {ttl!r}",
+                location=f"{aloc}.authorizerResultTtlInSeconds",
+            )
+        spec["ttl"] = f"{ttl}s" if ttl else 0
+    if "ttl" in ext:
+        spec["ttl"] = ext["ttl"]
+    if atype == "token":
+        warnings.append(
+            f"{aloc}.type: a TOKEN authorizer; lambdagate calls it with a REQUEST authorizer's event (headers, "
+            "query string, methodArn), so check that the function reads its token from there"
+        )
+    return _Scheme("lambda", loc, spec=spec, target=target, destination=destination)
+
+
+def _requirement(raw: Any, loc: str, security: _Security, warnings: list[str]) -> tuple[_Requirement, bool]:
+    """A security requirement list as (authorizer, scopes, API key), and whether it names a scheme lambdagate
+    does not import (which is then not enforced)."""
+    if not isinstance(raw, list):
+        raise OpenApiError(f"must be a list of security requirements, got {_typename(raw)}", location=loc)
+    for n, alternative in enumerate(raw):
+        if not isinstance(alternative, dict):
+            raise OpenApiError("must be a mapping of scheme names to scopes", location=f"{loc}[{n}]")
+    # None, or an empty requirement ({}) among them, makes authorization optional.
+    if not raw or any(not alternative for alternative in raw):
+        return _OPEN, False
+    if len(raw) > 1:
+        warnings.append(f"{loc}: {len(raw)} alternative requirements; lambdagate enforces the first only")
+    authorizer: str | None = None
+    scopes: tuple[str, ...] = ()
+    api_key = False
+    unsupported: list[str] = []
+    for name, granted in raw[0].items():
+        where = f"{loc}[0].{name}"
+        s = security.schemes.get(str(name))
+        if s is None or s.kind == "unsupported":
+            unsupported.append(f"{name} ({s.why if s is not None else 'no such security scheme'})")
+        elif s.kind == "api_key":
+            api_key = True
+        elif authorizer is not None:
+            warnings.append(f"{where}: a route has one authorizer; {name} is not enforced")
+        else:
+            authorizer = s.authorizer
+            if granted is not None and not (
+                isinstance(granted, list) and all(isinstance(g, str) for g in granted)
+            ):
+                raise OpenApiError("must be a list of scopes", location=where)
+            if granted and s.kind == "jwt":
+                scopes = tuple(granted)
+            elif granted:
+                warnings.append(f"{where}: scopes are checked for JWT authorizers only; ignored")
+    if unsupported and (authorizer is not None or api_key):
+        warnings.append(f"{loc}[0]: not imported, so not enforced: {', '.join(unsupported)}")
+        return (authorizer, scopes, api_key), False
+    return (authorizer, scopes, api_key), bool(unsupported)
+
+
+def _base_auth_doc(req: _Requirement) -> dict[str, Any]:
+    """spec.auth for the document's security requirement."""
+    out: dict[str, Any] = {}
+    if req[0] is not None:
+        out["authorizer"] = req[0]
+    if req[1]:
+        out["scopes"] = list(req[1])
+    if req[2]:
+        out["api_key_required"] = True
+    return out
+
+
+def _route_auth_doc(effective: _Requirement, base: _Requirement) -> dict[str, Any]:
+    """routes[].auth: what differs from spec.auth (`base`), so that the route's requirement is `effective`."""
+    out: dict[str, Any] = {}
+    if effective[0] != base[0]:
+        out["authorizer"] = effective[0] or NO_AUTHORIZER
+    if effective[1] != base[1]:
+        out["scopes"] = list(effective[1])
+    if effective[2] != base[2]:
+        out["api_key_required"] = effective[2]
+    return out
+
+
+def _effective_auth(auth: dict[str, Any], base: _Requirement) -> _Requirement:
+    """The requirement an auth document (spec.auth or routes[].auth) makes over `base`."""
+    authorizer = auth.get("authorizer", base[0])
+    authorizer = None if authorizer in (None, NO_AUTHORIZER) else str(authorizer)
+    scopes = auth.get("scopes")
+    api_key = auth.get("api_key_required", base[2])
+    # Scopes without an authorizer ask nothing (the model refuses them on a route).
+    scopes = (tuple(scopes) if isinstance(scopes, list) else base[1]) if authorizer is not None else ()
+    return authorizer, scopes, api_key is True
+
+
+def _operation_auth(
+    op: dict[str, Any], oloc: str, security: _Security, route: _Route, warnings: list[str]
+) -> tuple[dict[str, Any], bool]:
+    """The route's `auth`, and whether the operation asks for authorization lambdagate does not enforce."""
+    unsupported = False
+    raw = op.get("x-amazon-apigateway-auth")
+    if raw and not (isinstance(raw, dict) and str(raw.get("type", "")).upper() == "NONE"):
+        unsupported = True
+    if op.get("security") is not None:
+        effective, named = _requirement(op["security"], f"{oloc}.security", security, warnings)
+    else:
+        effective, named = security.base, security.base_unsupported
+    unsupported = unsupported or named
+    if route.is_mock:
+        lambda_authorizer = any(
+            s.kind == "lambda" and s.authorizer == effective[0] for s in security.schemes.values()
+        )
+        if lambda_authorizer or effective[2]:
+            what = "its Lambda authorizer" if lambda_authorizer else "its API key requirement"
+            warnings.append(f"{oloc}: a mock route is answered by Envoy itself: {what} does not apply to it")
+            effective = (None, (), False) if lambda_authorizer else (effective[0], effective[1], False)
+    auth = _route_auth_doc(effective, security.base)
+    if X_AUTH in op:
+        ext = _ext_mapping(op, X_AUTH, f"{oloc}.{X_AUTH}")
+        if _effective_auth(ext, security.base) == effective:
+            auth = copy.deepcopy(ext)
+        else:
+            warnings.append(f"{oloc}.{X_AUTH}: says other than the operation's security; security is used")
+    if auth:
+        route.fields["auth"] = f"{oloc}.security" if op.get("security") is not None else "security"
+    return auth, unsupported
+
+
+def _authorizer_docs(
+    security: _Security, upstream: str, logical: dict[tuple[str, str | None], str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in security.schemes.values():
+        if s.kind == "jwt":
+            out[s.authorizer] = copy.deepcopy(s.spec)
+        elif s.kind == "lambda":
+            spec: dict[str, Any] = {"type": "lambda", "upstream": upstream}
+            if s.destination is not None:
+                spec.update(copy.deepcopy(s.destination))
+            elif s.target is not None:
+                spec["function"] = logical[(s.target.function_name, s.target.qualifier)]
+            spec.update({k: copy.deepcopy(v) for k, v in s.spec.items() if k != "type"})
+            out[s.authorizer] = spec
+    return out
 
 
 # --- region and names ----------------------------------------------------------------------------------------
 
 
-def _region(routes: list[_Route], options: ImportOptions) -> str:
+def _region(targets: list[_Target], options: ImportOptions, document_region: str | None) -> str:
     seen: dict[str, str] = {}  # region -> where first named
-    for r in routes:
-        if r.target is not None and r.target.region is not None:
-            seen.setdefault(r.target.region, r.target.location)
+    for target in targets:
+        if target.region is not None:
+            seen.setdefault(target.region, target.location)
+    if document_region is not None:
+        seen.setdefault(document_region, X_REGION)
     if len(seen) > 1:
         listed = ", ".join(f"{region} ({where})" for region, where in seen.items())
         raise OpenApiError(
@@ -930,7 +1773,9 @@ def _specific_first(items: list[_Path]) -> list[_Path]:
     `/pets/{id}` before `/pets/{proxy+}`. Paths that cannot match the same request keep document order. The
     catch-all `$default` goes last.
     """
-    plain = [p for p in items if not p.catch_all]
+    # The prefix and regex routes of x-lambdagate-paths have no segments to compare: after the others.
+    plain = [p for p in items if not p.catch_all and p.kind == "path"]
+    others = [p for p in items if not p.catch_all and p.kind != "path"]
     segs = [_segments(p.matcher_path) for p in plain]
     ranks = [tuple(k for k, _ in s) for s in segs]
     preds = [0] * len(plain)
@@ -964,14 +1809,14 @@ def _specific_first(items: list[_Path]) -> list[_Path]:
             preds[j] -= 1
             if preds[j] == 0:
                 heapq.heappush(ready, (earliest(j), j))
-    return order + [p for p in items if p.catch_all]
+    return order + others + [p for p in items if p.catch_all]
 
 
 def _reorder_notes(items: list[_Path], ordered: list[_Path]) -> list[str]:
     notes: list[str] = []
     position = {id(p): n for n, p in enumerate(ordered)}
     for p in ordered:
-        if p.catch_all:
+        if p.catch_all or p.kind != "path":
             continue
         segs = _segments(p.matcher_path)
         passed = [
@@ -980,6 +1825,7 @@ def _reorder_notes(items: list[_Path], ordered: list[_Path]) -> list[str]:
             if q.index < p.index
             and position[id(q)] > position[id(p)]
             and not q.catch_all
+            and q.kind == "path"
             and _may_overlap(segs, _segments(q.matcher_path))
         ]
         if passed:
@@ -994,7 +1840,10 @@ def _unreachable_warnings(ordered: list[_Path]) -> list[str]:
     warnings: list[str] = []
     seen: dict[tuple[str, str | None], str] = {}
     for p in ordered:
-        shape = "prefix:" + p.matcher_path if p.catch_all else PARAM_RE.sub(_shape_param, p.matcher_path)
+        if p.catch_all or p.kind != "path":
+            shape = f"{'prefix' if p.catch_all else p.kind}:{p.matcher_path}"
+        else:
+            shape = PARAM_RE.sub(_shape_param, p.matcher_path)
         for r in p.routes:
             # An any-method route is compared with other any-method routes only: a method's route before it is
             # deliberate (see OPERATION_KEYS).
@@ -1017,6 +1866,7 @@ def _check(
     options: ImportOptions,
     route_sources: list[tuple[str, dict[str, str]]],
     function_locations: list[str],
+    security: _Security | None = None,
 ) -> None:
     """Parse and resolve what was built, exactly as the control plane will; errors name the document's place."""
     upstream_fields = {
@@ -1031,7 +1881,14 @@ def _check(
         "metadata.namespace": "--namespace",
         "spec.domains": "--domain",
         "spec.stage_variables": "--stage-variable",
+        "spec.stage": X_STAGE,
+        "spec.auth": "security",
     }
+    for scheme in (security.schemes if security is not None else {}).values():
+        if scheme.kind == "api_key":
+            vs_fields["spec.api_keys"] = f"{scheme.location}.{X_API_KEYS}"
+        elif scheme.kind != "unsupported":
+            vs_fields[f"spec.authorizers.{scheme.authorizer}"] = scheme.location
     namespace = options.namespace or DEFAULT_NAMESPACE
     objects: list[Any] = []
     for doc, fields in ((upstream, upstream_fields), (virtual_service, vs_fields)):
@@ -1050,6 +1907,21 @@ def _check(
             "stringData": {"access_key": "stand-in", "secret_key": "stand-in"},
         }
         objects.append(parse_document(stand_in))
+    api_keys = virtual_service["spec"].get("api_keys")
+    if (
+        isinstance(api_keys, dict)
+        and isinstance(api_keys.get("secret_ref"), str)
+        and api_keys["secret_ref"] != options.secret_ref
+    ):
+        # The same for the Secret holding the API keys.
+        stand_in = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": api_keys["secret_ref"], "namespace": namespace},
+            "stringData": {"stand-in": "stand-in"},
+        }
+        with contextlib.suppress(ConfigError):
+            objects.append(parse_document(stand_in))
     resolved = resolve(objects, local_endpoint=Endpoint("http", "127.0.0.1", 9))
     for problem in resolved.errors.values():
         fields = upstream_fields if (problem.obj or "").startswith(KIND_UPSTREAM) else vs_fields

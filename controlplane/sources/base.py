@@ -5,16 +5,18 @@ A source (files, Kubernetes) reads documents its own way and hands them to `Last
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from controlplane.model import Config, ConfigError, ObjectKey, Resolved, resolve
-from controlplane.model.parse import Resource
+from controlplane.model.parse import Resource, check_jwks
 from controlplane.model.resolve import ResolveMemo
-from controlplane.model.resources import Endpoint, Secret
+from controlplane.model.resources import Endpoint, Secret, VirtualService
 
 Origin = TypeVar("Origin")
 
@@ -43,8 +45,11 @@ class LoadResult:
 class LastGood(Generic[Origin]):
     """Remembers, per object, its last good version and where it came from (a file, a cluster object)."""
 
-    def __init__(self, *, local_endpoint: Endpoint | None = None) -> None:
+    def __init__(self, *, local_endpoint: Endpoint | None = None, base_dir: Path | None = None) -> None:
         self.local_endpoint = local_endpoint
+        # Relative `jwks.file` paths are read from here (the config folder); absolute ones anywhere.
+        self.base_dir = base_dir
+        self._jwks: dict[ObjectKey, tuple[VirtualService, tuple[str, ...], VirtualService]] = {}
         self.entries: dict[ObjectKey, tuple[Resource, Origin]] = {}
         self.config: Config | None = None
         self._last_error_text: list[str] = []
@@ -67,6 +72,19 @@ class LastGood(Generic[Origin]):
         versions (the caller adds them with `get`); `failed` names the objects that failed to parse.
         """
         started = time.perf_counter()
+        failed = dict(failed or {})
+        for key, (obj, origin) in list(objects.items()):
+            if isinstance(obj, VirtualService) and key not in failed:
+                try:
+                    objects[key] = (self._read_jwks(obj), origin)
+                except ConfigError as err:
+                    failed[key] = err.with_context(source=where(origin))
+                    parse_errors = [*parse_errors, failed[key]]
+                    kept = self.get(key)
+                    if kept is None:
+                        del objects[key]
+                    else:
+                        objects[key] = kept
         resolved = resolve(
             [o for o, _ in objects.values()],
             previous=self.config,
@@ -82,7 +100,6 @@ class LastGood(Generic[Origin]):
             *resolved.config.secrets,
         ]
         accepted = {o.key for o in served}
-        failed = failed or {}
         entries: dict[ObjectKey, tuple[Resource, Origin]] = {}
         for key, entry in objects.items():
             if key in resolved.kept_previous or key in failed:
@@ -98,6 +115,45 @@ class LastGood(Generic[Origin]):
         return LoadResult(
             resolved, parse_errors, secrets, rejected, timings={"resolve": time.perf_counter() - started}
         )
+
+    def _read_jwks(self, vs: VirtualService) -> VirtualService:
+        """A JWT authorizer's `jwks.file`, read into `jwks.inline` at every load (Envoy may run elsewhere)."""
+        files = [a for a in vs.authorizers if a.jwt is not None and a.jwt.jwks.file is not None]
+        if not files:
+            return vs
+        texts = []
+        for a in files:
+            assert a.jwt is not None and a.jwt.jwks.file is not None
+            field_path = f"spec.authorizers.{a.name}.jwks.file"
+            path = Path(a.jwt.jwks.file)
+            if not path.is_absolute() and self.base_dir is not None:
+                path = self.base_dir / path
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                why = err.strerror if isinstance(err, OSError) else "not UTF-8"
+                raise ConfigError(f"cannot read {path}: {why}", obj=str(vs.key), field=field_path) from None
+            try:
+                check_jwks(text, field_path)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err.message}", obj=str(vs.key), field=field_path) from None
+            texts.append(text)
+        seen = self._jwks.get(vs.key)
+        if seen is not None and seen[0] is vs and seen[1] == tuple(texts):
+            return seen[2]  # the same object as before: nothing downstream does its work again
+        by_name = dict(zip((a.name for a in files), texts, strict=True))
+        authorizers = tuple(
+            dataclasses.replace(
+                a,
+                jwt=dataclasses.replace(a.jwt, jwks=dataclasses.replace(a.jwt.jwks, inline=by_name[a.name])),
+            )
+            if a.jwt is not None and a.name in by_name
+            else a
+            for a in vs.authorizers
+        )
+        out = dataclasses.replace(vs, authorizers=authorizers)
+        self._jwks[vs.key] = (vs, tuple(texts), out)
+        return out
 
     def report(self, result: LoadResult, log: logging.Logger, what: str) -> None:
         """Log rejections once per change of the set of errors, not on every reload."""

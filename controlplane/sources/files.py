@@ -120,7 +120,7 @@ class FileSource:
     def __init__(self, config_dir: Path, *, local_endpoint: Endpoint | None = None) -> None:
         self.config_dir = config_dir
         self.local_endpoint = local_endpoint
-        self._good: LastGood[Path] = LastGood(local_endpoint=local_endpoint)
+        self._good: LastGood[Path] = LastGood(local_endpoint=local_endpoint, base_dir=config_dir)
         self.discovery = DiscoveryState(state_path(config_dir))
         self._parsed: dict[Path, _ParsedFile] = {}
         self._listing: list[tuple[Path, str]] | None = None  # each file, and its absolute path

@@ -58,13 +58,16 @@ from controlplane.model.resources import (
     FunctionChoice,
     MockResponse,
     RateLimit,
+    RouteAuth,
     RouteOptions,
     Secret,
     Upstream,
     VirtualService,
     split_function_name,
 )
-from controlplane.model.routes import Invocable, RouteTarget, invoke_path
+from controlplane.model.routes import AuthorizerTarget, Invocable, RouteTarget, invoke_path
+from controlplane.translate import auth
+from controlplane.translate.auth import JWT_FILTER
 
 __all__ = ["invoke_path", "translate", "TranslateOptions", "Translation", "Translator"]
 
@@ -89,6 +92,9 @@ RESIGN_SUFFIX = "_resign"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+# API Gateway's methodArn names the AWS account; a gateway outside AWS has none, so this stands in for it.
+METHOD_ARN_ACCOUNT = "000000000000"
 
 # Attributes Envoy sends with the request headers: which route matched, and who is calling.
 EXTPROC_REQUEST_ATTRIBUTES = ("xds.route_name", "source.address", "request.protocol")
@@ -289,7 +295,7 @@ def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
     return cluster
 
 
-def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
+def extproc_filter(options: TranslateOptions, jwt_claims: bool = False) -> hcm_pb2.HttpFilter:
     mode = processing_mode_pb2.ProcessingMode
     ext_proc = _processor(
         options,
@@ -311,6 +317,9 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
         max_receive_bytes=4 * BUFFER_LIMIT_BYTES,
     )
     ext_proc.request_attributes.extend(EXTPROC_REQUEST_ATTRIBUTES)
+    if jwt_claims:
+        # The claims jwt_authn verified reach the function's event; a client cannot forge dynamic metadata.
+        ext_proc.metadata_options.forwarding_namespaces.untyped.append(auth.JWT_FILTER)
     # The route was chosen on the client's path; the rewrite to Lambda's Invoke path must not re-route it.
     ext_proc.route_cache_action = ext_proc_pb2.ExternalProcessor.RETAIN
     # Envoy passes a local reply through every encoder filter the route enables, including those that never saw
@@ -318,15 +327,16 @@ def extproc_filter(options: TranslateOptions) -> hcm_pb2.HttpFilter:
     # answer as a broken Lambda one): the matcher skips ext_proc for a 429 that is not Lambda's.
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
         extension_config=extension_pb2.TypedExtensionConfig(name=EXTPROC_FILTER, typed_config=_any(ext_proc)),
-        xds_matcher=_skip_local_throttle(),
+        xds_matcher=_skip_local_throttle(("429", "401", "403") if jwt_claims else ("429",)),
     )
     # Off by default and switched on by each Lambda route: Envoy's own answers (no route, a redirect, an HTTP/1.0
     # 426) never go through a processor that would read them as Lambda's, and cost no Python stream.
     return hcm_pb2.HttpFilter(name=EXTPROC_FILTER, typed_config=_any(wrapped), disabled=True)
 
 
-def _skip_local_throttle() -> xds_matcher_pb2.Matcher:
+def _skip_local_throttle(statuses: tuple[str, ...] = ("429",)) -> xds_matcher_pb2.Matcher:
     """Matches a 429 that is not Lambda's (neither x-amzn-requestid nor x-amzn-errortype): the local rate limit's.
+    With JWT authorizers, also jwt_authn's 401 and RBAC's 403 (`statuses`).
 
     A non-Lambda 429 from upstream would pass unmapped too; the Invoke API always sends x-amzn-requestid."""
     predicate = xds_matcher_pb2.Matcher.MatcherList.Predicate
@@ -351,7 +361,13 @@ def _skip_local_throttle() -> xds_matcher_pb2.Matcher:
 
     status_429 = response(
         status_code_input_pb2.HttpResponseStatusCodeMatchInput(),
-        xds_string_pb2.StringMatcher(exact="429"),
+        xds_string_pb2.StringMatcher(exact=statuses[0])
+        if len(statuses) == 1
+        else xds_string_pb2.StringMatcher(
+            safe_regex=xds_regex_pb2.RegexMatcher(
+                google_re2=xds_regex_pb2.RegexMatcher.GoogleRE2(), regex="|".join(statuses)
+            )
+        ),
         "status",
     )
     from_lambda = predicate(
@@ -610,7 +626,10 @@ def local_reply_config() -> hcm_pb2.LocalReplyConfig:
     )
 
 
-def listener(options: TranslateOptions) -> listener_pb2.Listener:
+def listener(options: TranslateOptions, jwt: auth.JwtSetup | None = None) -> listener_pb2.Listener:
+    reply = local_reply_config()
+    if jwt is not None:
+        reply = hcm_pb2.LocalReplyConfig(mappers=[*auth.reply_mappers(), *reply.mappers])
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="lambdagate",
         # The client's address is the peer's: it becomes identity.sourceIp and is appended to X-Forwarded-For,
@@ -629,7 +648,9 @@ def listener(options: TranslateOptions) -> listener_pb2.Listener:
         http_filters=[
             cors_filter(),
             rate_limit_filter(),
-            extproc_filter(options),
+            # Listed only while some VirtualService has a JWT authorizer: its providers live in this config.
+            *(auth.http_filters(jwt) if jwt is not None else ()),
+            extproc_filter(options, jwt_claims=jwt is not None),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router",
                 typed_config=_any(router_pb2.Router(suppress_envoy_headers=True)),
@@ -638,7 +659,7 @@ def listener(options: TranslateOptions) -> listener_pb2.Listener:
         # Lambda invocations can be slow; the route timeout, not the stream idle timeout, is what bounds them.
         stream_idle_timeout=_duration(300),
         request_timeout=_duration(0),
-        local_reply_config=local_reply_config(),
+        local_reply_config=reply,
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
@@ -750,6 +771,8 @@ class _Service:
     vs: VirtualService
     options: TranslateOptions
     local_endpoint: Endpoint | None
+    # The Secret holding the service's API keys, if it has any.
+    api_key_secret: Secret | None
     # Each Upstream its routes name, in the order first named: (namespace, name, the Upstream, its Secret).
     deps: tuple[tuple[str, str, Upstream | None, Secret | None], ...]
     # Its virtual host, deterministically encoded (the message itself is not kept: the route configuration
@@ -770,16 +793,26 @@ class Translator:
     def __init__(self) -> None:
         self._services: dict[ObjectKey, _Service] = {}
         self._clusters: dict[tuple[str, Endpoint, bool, TranslateOptions], cluster_pb2.Cluster] = {}
-        self._static: tuple[TranslateOptions, cluster_pb2.Cluster, listener_pb2.Listener] | None = None
+        self._static: tuple[TranslateOptions, cluster_pb2.Cluster] | None = None
+        self._listener: tuple[TranslateOptions, auth.JwtSetup | None, listener_pb2.Listener] | None = None
         # function_param routes share one name table per Upstream object.
         self._params: dict[tuple[str, str], tuple[Upstream, dict[str, Invocable]]] = {}
         self.translated = 0  # VirtualServices translated (not reused) by the last call, for tests and logs
 
     def translate(self, config: Config, options: TranslateOptions) -> Translation:
         if self._static is None or self._static[0] != options:
-            self._static = (options, extproc_cluster(options), listener(options))
-        _, extproc, http_listener = self._static
+            self._static = (options, extproc_cluster(options))
+        _, extproc = self._static
+        jwt = auth.jwt_setup(config)
+        if self._listener is None or self._listener[:2] != (options, jwt):
+            self._listener = (options, jwt, listener(options, jwt))
+        http_listener = self._listener[2]
         clusters: dict[str, cluster_pb2.Cluster] = {EXTPROC_CLUSTER: extproc}
+        for ep in jwt.jwks_endpoints if jwt is not None else ():
+            # Envoy fetches remote JWKS through a cluster of its own (TLS verified like Lambda's).
+            jwks = lambda_cluster(ep, options)
+            jwks.name = jwks.load_assignment.cluster_name = auth.jwks_cluster_name(ep)
+            clusters[jwks.name] = jwks
         cluster_cache: dict[tuple[str, Endpoint, bool, TranslateOptions], cluster_pb2.Cluster] = {}
         services: dict[ObjectKey, _Service] = {}
         table: dict[str, RouteTarget] = {}
@@ -840,6 +873,8 @@ class Translator:
             return False
         if not equal(svc.vs, vs):
             return False
+        if not equal(svc.api_key_secret, _api_key_secret(vs, config)):
+            return False
         for namespace, name, up, secret in svc.deps:
             now = config.upstream(namespace, name)
             if not equal(up, now):
@@ -850,6 +885,42 @@ class Translator:
             if not equal(secret, now_secret):
                 return False
         return True
+
+    @staticmethod
+    def _authorizer(
+        vs: VirtualService,
+        who: RouteAuth,
+        config: Config,
+        deps: dict[tuple[str, str], tuple[str, str, Upstream | None, Secret | None]],
+    ) -> AuthorizerTarget | None:
+        """A route's Lambda authorizer, ready to invoke through its own Upstream (region, endpoint, keys)."""
+        name = who.effective_authorizer
+        found = vs.authorizer(name) if name is not None else None
+        if found is None or found.function is None:
+            return None
+        dest = found.function.destination
+        up = config.upstream(dest.upstream_namespace, dest.upstream)
+        secret = config.secret(up.namespace, up.secret_ref) if up is not None and up.secret_ref else None
+        deps.setdefault(
+            (dest.upstream_namespace, dest.upstream), (dest.upstream_namespace, dest.upstream, up, secret)
+        )
+        if up is None:
+            return None
+        invocable = _invocable(up, dest.choices()[0])
+        if invocable is None:
+            return None
+        ep = upstream_endpoint(up, config)
+        return AuthorizerTarget(
+            name=auth.provider_name(vs, found),
+            invocable=invocable,
+            scheme=ep.scheme,
+            authority=ep.authority,
+            region=up.region,
+            credentials=secret.credentials if secret else None,
+            role_arn=up.role_arn,
+            identity_sources=found.function.identity_sources,
+            ttl_s=found.function.ttl_s,
+        )
 
     def _param_functions(self, up: Upstream) -> dict[str, Invocable]:
         key = (up.namespace, up.name)
@@ -873,7 +944,13 @@ class Translator:
             dest = route.destination
             if dest is None:
                 if route.mock is not None:
-                    routes.extend(_mock_routes(vs, i, route.matcher, route.mock, route.options))
+                    mocked = _mock_routes(vs, i, route.matcher, route.mock, route.options)
+                    checks = auth.route_filters(vs, route.auth.over(vs.auth))
+                    for r in mocked:
+                        if checks and not r.name.endswith(PREFLIGHT_SUFFIX):
+                            for fname, cfg in checks.items():
+                                r.typed_per_filter_config[fname].CopyFrom(cfg)
+                    routes.extend(mocked)
                 continue
             up = config.upstream(dest.upstream_namespace, dest.upstream)
             secret = config.secret(up.namespace, up.secret_ref) if up is not None and up.secret_ref else None
@@ -909,6 +986,13 @@ class Translator:
                 first.function,
             )
             plain = dest == Destination(dest.upstream, dest.upstream_namespace, dest.function)
+            who = route.auth.over(vs.auth)
+            checks = auth.route_filters(vs, who)
+            authorizer = self._authorizer(vs, who, config, deps)
+            keys = None
+            if who.api_key_required and vs.api_keys is not None:
+                api_key_secret = config.secret(vs.namespace, vs.api_keys.secret_ref)
+                keys = auth.api_key_table(vs, api_key_secret)
             # Only what is set beyond the defaults joins the name's hash: names of plain routes stay as they were.
             extra = tuple(
                 x
@@ -917,6 +1001,8 @@ class Translator:
                     opts if opts != DEFAULT_OPTIONS else None,
                     vs.stage_variables,
                     None if plain else dest,
+                    who if who != RouteAuth() else None,
+                    route.integration,
                 )
                 if x
             )
@@ -948,6 +1034,11 @@ class Translator:
                 max_retries=retries,
                 errors=opts.errors or (),
                 log_tail=bool(opts.log_tail),
+                integration=route.integration,
+                jwt=JWT_FILTER in checks,
+                authorizer=authorizer,
+                api_keys=keys,
+                method_arn_prefix=f"arn:aws:execute-api:{up.region}:{METHOD_ARN_ACCOUNT}:{vs.name}/{vs.stage}",
             )
             action = route_components_pb2.RouteAction(
                 cluster=cname,
@@ -964,6 +1055,7 @@ class Translator:
                     route=action,
                     typed_per_filter_config={
                         **_gateway_filters(opts, route.matcher),
+                        **checks,
                         **_EXTPROC_ENABLED,
                     },
                 )
@@ -975,11 +1067,16 @@ class Translator:
             vs=vs,
             options=options,
             local_endpoint=config.local_endpoint,
+            api_key_secret=_api_key_secret(vs, config),
             deps=tuple(deps.values()),
             vhost_bytes=vhost.SerializeToString(deterministic=True),
             table=table,
             clusters=clusters,
         )
+
+
+def _api_key_secret(vs: VirtualService, config: Config) -> Secret | None:
+    return config.secret(vs.namespace, vs.api_keys.secret_ref) if vs.api_keys is not None else None
 
 
 def _route_config_shell() -> tuple[bytes, bytes]:

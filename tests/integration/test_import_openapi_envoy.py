@@ -1,7 +1,8 @@
 """What `lambdagate import-openapi` writes serves through a real Envoy: an OpenAPI document with Lambda
 integrations (an alias ARN, an operationId, a greedy any-method path on payload 2.0) and a mock integration becomes
 a config folder, requests reach the right functions with their path parameters in the event, and the mock answers
-its canned response without any function."""
+its canned response without any function. A folder exported with `lambdagate export-openapi` imports back and serves
+the same."""
 
 from __future__ import annotations
 
@@ -201,5 +202,79 @@ def test_imported_mocks_and_cors_serve_without_an_upstream(
             ), r
             evil = {**preflight, "Origin": "https://evil.example.com"}
             assert http("OPTIONS", base + "/ping", headers=evil).header("access-control-allow-origin") is None
+    finally:
+        loop.close()
+
+
+# A hand-written folder: an Upstream default (payload 2.0), a route option of its own, an alias, a prefix and a
+# regex mock, which API Gateway's dialect alone does not all say.
+HANDWRITTEN = """
+apiVersion: lambdagate.io/v1
+kind: Upstream
+metadata: {name: pets}
+spec:
+  region: us-east-1
+  endpoint: local
+  secret_ref: aws
+  options: {payload_format: apigateway-v2}
+  functions:
+  - {name: pet, spec: {function_name: get-pet, qualifier: live}}
+---
+apiVersion: lambdagate.io/v1
+kind: VirtualService
+metadata: {name: petstore}
+spec:
+  routes:
+  - matcher: {path: "/pets/{petId}", methods: [GET]}
+    destination: {upstream: pets, function: pet}
+    options: {payload_format: apigateway-v1}
+  - matcher: {prefix: /files}
+    destination: {upstream: pets, function_name: files}
+  - matcher: {regex: "^/v[0-9]+/ping$", methods: [GET]}
+    mock: {status: 200, headers: {content-type: text/plain}, body: pong}
+"""
+
+
+def test_exported_config_imports_back_and_serves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Folder -> export-openapi -> import-openapi -> a real Envoy: the re-imported routes serve as the original's
+    would (alias, payload formats, the prefix route's resource, the regex mock)."""
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    (functions / "pets.py").write_text(textwrap.dedent(HANDLERS))
+    (functions / "functions.yaml").write_text(FUNCTIONS_YAML)
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "secret.yaml").write_text(SECRET_YAML)
+    (original / "petstore.yaml").write_text(HANDWRITTEN)
+    spec = tmp_path / "petstore.openapi.yaml"
+    assert main(["export-openapi", "--config-dir", str(original), "-o", str(spec)]) == 0, (
+        capsys.readouterr().err
+    )
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "secret.yaml").write_text(SECRET_YAML)
+    args = ["import-openapi", str(spec), "-o", str(config / "petstore.yaml"), "--endpoint", "local"]
+    assert main([*args, "--secret-ref", "aws"]) == 0, capsys.readouterr().err
+
+    loop = LoopThread()
+    try:
+        with gateway(loop, config, functions, {"AKIDIMPORT": SECRET}) as base:
+            # The alias, with the route's own payload format 1.0.
+            r = http("GET", base + "/pets/42")
+            assert r.status == 200, r
+            assert r.json() == {
+                "fn": "get-pet:1",
+                "resource": "/pets/{petId}",
+                "pathParameters": {"petId": "42"},
+            }
+            # The prefix route, any method, with the Upstream's default payload format 2.0 (files echoes its event).
+            r = http("DELETE", base + "/files/a/b.txt")
+            assert r.status == 200, r
+            event = r.json()
+            assert event["version"] == "2.0" and event["rawPath"] == "/files/a/b.txt", event
+            assert event["requestContext"]["http"]["method"] == "DELETE", event
+            r = http("GET", base + "/v2/ping")
+            assert (r.status, r.body, r.header("content-type")) == (200, b"pong", "text/plain"), r
+            assert http("GET", base + "/v2/pong").status == 404
     finally:
         loop.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import shlex
 import subprocess
@@ -27,10 +28,12 @@ import yaml
 from controlplane.bootstrap import bootstrap_yaml
 from controlplane.cli import build_parser
 from controlplane.model import ConfigError, parse_document
+from controlplane.model import parse as model_parse
 from controlplane.model.discovered import FAILED, LISTED, TOO_LARGE, DiscoveryRecord, ListedFunction
 from controlplane.model.resources import (
     ERROR_KINDS,
     HTTP_METHODS,
+    IDENTITY_KINDS,
     INVOCATION_TYPES,
     MAX_RETRIES,
     MAX_TIMEOUT_S,
@@ -1006,13 +1009,77 @@ FULL_OPTIONS: dict[str, Any] = {
 }
 
 
+JWKS = {"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig", "n": "sXch", "e": "AQAB"}]}
+# Issue 7: every authorizer form, spec.auth, api_keys; full_vs's routes use them.
+FULL_AUTHORIZERS: dict[str, Any] = {
+    "cognito": {
+        "type": "jwt",
+        "issuer": "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_AbC",
+        "audiences": ["app-client"],
+        "jwks": {"inline": JWKS, "cache_duration": "10m"},
+    },
+    "auth0": {
+        "type": "jwt",
+        "issuer": "https://example.auth0.com/",
+        "jwks": {
+            "uri": "https://example.auth0.com/.well-known/jwks.json",
+            "timeout": "2s",
+            "cache_duration": 600,
+        },
+        "header": "x-token",
+        "query": "access_token",
+    },
+    "pinned": {"type": "jwt", "issuer": "https://id.example.com", "jwks": {"inline": json.dumps(JWKS)}},
+    "custom": {
+        "type": "lambda",
+        "upstream": {"name": "lambdas", "namespace": "team-a"},
+        "function_name": "arn:aws:lambda:us-east-1:123456789012:function:Authorize",
+        "identity_sources": ["header:Authorization", "query:token"],
+        "ttl": "5m",
+    },
+    "uncached": {
+        "type": "lambda",
+        "upstream": "lambdas",
+        "function": "list-pets",
+        "identity_sources": ["header:x-session"],
+        "ttl": 0,
+    },
+}
+FULL_API_KEYS: dict[str, Any] = {
+    # Named, not read: the Secret must exist when the configuration is resolved, not when it is parsed.
+    "secret_ref": "pets-api-keys",
+    "rate_limit": {"requests": 10, "per": "1s", "burst": 20},
+    "limits": {"partner": {"requests": 100, "per": "1m", "burst": 200}, "intern": {"requests": 1}},
+}
+FULL_INTEGRATION: dict[str, Any] = {
+    "request_template": '{"path": "{{ path }}", "method": "{{ method }}"}',
+    "responses": [
+        {
+            "status": 200,
+            "template": '{"stage": "{{ stage }}"}',
+            "headers": {"x-integration": "yes"},
+            "content_type": "application/json",
+        },
+        {
+            "status": 404,
+            "pattern": "^Not found",
+            "template": '{"message": "not found"}',
+            "headers": {"cache-control": "no-store"},
+            "content_type": "application/problem+json",
+        },
+    ],
+}
+
+
 def full_vs() -> dict[str, Any]:
-    """A VirtualService with every destination form, a mock route and full options."""
+    """A VirtualService with every destination form, a mock route, full options, every authorizer form, auth
+    (service-wide and per route), api_keys and a mapping-template integration."""
     routes = [
         {
             "matcher": {"path": "/pets/{id}", "methods": ["GET"]},
             "destination": {"upstream": {"name": "lambdas", "namespace": "team-a"}, "function": "list-pets"},
             "options": FULL_OPTIONS,
+            "auth": {"authorizer": "auth0", "scopes": ["pets/read", "admin"], "api_key_required": True},
         },
         {
             "matcher": {"prefix": "/arn"},
@@ -1020,6 +1087,9 @@ def full_vs() -> dict[str, Any]:
                 "upstream": "lambdas",
                 "function_name": "arn:aws:lambda:us-east-1:123456789012:function:PetsGet:live",
             },
+            "integration": FULL_INTEGRATION,
+            # scopes: [] drops spec.auth's, which need a JWT authorizer.
+            "auth": {"authorizer": "custom", "scopes": [], "api_key_required": False},
         },
         {
             "matcher": {"path": "/fn/{name}/{rest+}"},
@@ -1039,18 +1109,35 @@ def full_vs() -> dict[str, Any]:
             "matcher": {"path": "/health"},
             "mock": {"status": 200, "headers": {"x-mock": "yes"}, "body": "ok"},
             "options": {"cors": {"allow_origins": ["*"]}},
+            "auth": {"authorizer": "none", "scopes": []},
         },
     ]
-    return vs_doc(routes=routes, stage="prod", stage_variables={"env": "prod"})
+    return vs_doc(
+        routes=routes,
+        stage="prod",
+        stage_variables={"env": "prod"},
+        authorizers=copy.deepcopy(FULL_AUTHORIZERS),
+        auth={"authorizer": "cognito", "scopes": ["pets/all"]},
+        api_keys=copy.deepcopy(FULL_API_KEYS),
+    )
+
+
+# Objects whose fields are not lambdagate's: an inline JWKS is kept as it is (the parser checks only keys and
+# kty), so its schema declares what it requires and preserves the rest.
+FOREIGN_OBJECTS = {("authorizers", "{}", "jwks", "inline")}
 
 
 def _object_nodes(node: dict[str, Any], path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
-    """Schema paths (`[]` for items) of every object node that declares properties."""
+    """Schema paths (`[]` for items, `{}` for map values) of every object node that declares properties."""
+    if path in FOREIGN_OBJECTS:
+        return set()
     out = {path} if "properties" in node else set()
     for key, sub in node.get("properties", {}).items():
         out |= _object_nodes(sub, (*path, key))
     if "items" in node:
         out |= _object_nodes(node["items"], (*path, "[]"))
+    if isinstance(node.get("additionalProperties"), dict):
+        out |= _object_nodes(node["additionalProperties"], (*path, "{}"))
     return out
 
 
@@ -1058,16 +1145,32 @@ def _objects_in(
     value: Any, node: dict[str, Any], spath: tuple[str, ...] = (), vpath: tuple[Any, ...] = ()
 ) -> list[tuple[tuple[str, ...], tuple[Any, ...]]]:
     """(schema path, value path) of every mapping in `value` whose schema node declares properties."""
-    out = []
+    out: list[tuple[tuple[str, ...], tuple[Any, ...]]] = []
+    if spath in FOREIGN_OBJECTS:
+        return out
     if isinstance(value, dict) and "properties" in node:
         out.append((spath, vpath))
         for key, sub in value.items():
             if key in node["properties"]:
                 out += _objects_in(sub, node["properties"][key], (*spath, key), (*vpath, key))
+    elif isinstance(value, dict) and isinstance(node.get("additionalProperties"), dict):
+        for key, sub in value.items():
+            out += _objects_in(sub, node["additionalProperties"], (*spath, "{}"), (*vpath, key))
     elif isinstance(value, list) and "items" in node:
         for i, item in enumerate(value):
             out += _objects_in(item, node["items"], (*spath, "[]"), (*vpath, i))
     return out
+
+
+def _fields_for(node: dict[str, Any], value: dict[str, Any]) -> set[str]:
+    """The fields the schema lets `value` have: its properties, less those the oneOf branch that `value` takes
+    refuses with `not` (an authorizer's type decides its fields)."""
+    fields = set(node["properties"])
+    for alt in node.get("oneOf", []):
+        if not crd_errors(alt, value):
+            for refused in alt.get("not", {}).get("anyOf", []):
+                fields -= set(refused.get("required", []))
+    return fields
 
 
 # "unknown field 'x'; valid fields are a, b" and "unknown error kind; expected one of a, b" (options.errors).
@@ -1097,9 +1200,31 @@ def test_the_crd_declares_every_field_the_parser_accepts(plural: str, make: Any)
         m = VALID_FIELDS_RE.search(caught.value.message)
         assert m, caught.value
         node = spec_node
-        for part in spath:
-            node = node["items"] if part == "[]" else node["properties"][part]
-        assert set(m.group(1).split(", ")) == set(node["properties"]), ".".join(spath)
+        value = doc["spec"]
+        for part, vpart in zip(spath, vpath, strict=True):
+            node = {"[]": node.get("items"), "{}": node.get("additionalProperties")}.get(part) or node[
+                "properties"
+            ][part]
+            value = value[vpart]
+        assert set(m.group(1).split(", ")) == _fields_for(node, value), ".".join(spath)
+
+
+def test_the_sample_virtual_service_uses_every_authorizer_form() -> None:
+    # full_vs reaches each schema object once; these forms share objects, so say that it has them all.
+    vs = parse_document(full_vs())
+    assert isinstance(vs, VirtualService)
+    jwks = [a.jwt.jwks for a in vs.authorizers if a.jwt is not None]
+    assert {"inline", "uri"} <= {k for j in jwks for k in ("inline", "file", "uri") if getattr(j, k)}
+    spec = full_vs()["spec"]
+    inline = [a["jwks"]["inline"] for a in spec["authorizers"].values() if "inline" in a.get("jwks", {})]
+    assert {type(v) for v in inline} == {dict, str}
+    lambdas = [a for a in spec["authorizers"].values() if a["type"] == "lambda"]
+    assert {"function", "function_name"} <= {k for a in lambdas for k in a}
+    assert {type(a["upstream"]) for a in lambdas} == {dict, str}
+    auths = [r["auth"] for r in spec["routes"] if "auth" in r] + [spec["auth"]]
+    assert {"authorizer", "scopes", "api_key_required"} <= {k for a in auths for k in a}
+    (integration,) = [r.integration for r in vs.routes if r.integration is not None]
+    assert len(integration.responses) == 2 and integration.request_template
 
 
 def _options_nodes() -> list[dict[str, Any]]:
@@ -1141,6 +1266,7 @@ def test_function_name_has_one_pattern_everywhere() -> None:
     ]["properties"]
     nodes = [up_fn["spec"]["properties"]["function_name"], dest["function_name"]]
     nodes.append(dest["functions"]["items"]["properties"]["function_name"])
+    nodes.append(_authorizer_props()["function_name"])
     assert len({(n["pattern"], n["maxLength"]) for n in nodes}) == 1
 
 
@@ -1525,6 +1651,401 @@ def test_keep_warm(value: Any, want: tuple[bool, bool]) -> None:
 def test_keep_warm_interval(value: Any, want: tuple[bool, bool]) -> None:
     warm = {"interval": value}
     _expect(upstream_doc(functions=[{"name": "f", "spec": {"function_name": "f"}, "keep_warm": warm}]), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Authorizers, auth, API keys and mapping-template integrations (issue 7)
+
+
+def _vs_spec() -> dict[str, Any]:
+    return schema("virtualservices")["properties"]["spec"]["properties"]
+
+
+def _route_props() -> dict[str, Any]:
+    return dict(_vs_spec()["routes"]["items"]["properties"])
+
+
+def _authorizer_props() -> dict[str, Any]:
+    return dict(_vs_spec()["authorizers"]["additionalProperties"]["properties"])
+
+
+JWT: dict[str, Any] = {
+    "type": "jwt",
+    "issuer": "https://id.example.com",
+    "jwks": {"uri": "https://id.example.com/.well-known/jwks.json"},
+}
+LAMBDA: dict[str, Any] = {
+    "type": "lambda",
+    "upstream": "lambdas",
+    "function": "authorize",
+    "identity_sources": ["header:authorization"],
+}
+
+
+def authorizer_doc(authorizer: Any) -> dict[str, Any]:
+    return vs_doc(authorizers={"a": authorizer})
+
+
+def jwks_doc(jwks: Any) -> dict[str, Any]:
+    return authorizer_doc({**JWT, "jwks": jwks})
+
+
+JWT_AUTHORIZERS = [
+    (JWT, YES),
+    ({**JWT, "audiences": ["app", "admin"]}, YES),
+    ({**JWT, "audiences": []}, YES),
+    ({**JWT, "header": "x-jwt", "query": "access_token"}, YES),
+    ({**JWT, "header": "Authorization"}, YES),
+    ({k: v for k, v in JWT.items() if k != "jwks"}, NO),
+    ({k: v for k, v in JWT.items() if k != "issuer"}, NO),
+    ({k: v for k, v in JWT.items() if k != "type"}, NO),
+    ({**JWT, "issuer": ""}, NO),
+    ({**JWT, "issuer": 5}, NO),
+    ({**JWT, "type": "oauth"}, NO),
+    ({**JWT, "type": "JWT"}, NO),
+    ({**JWT, "audiences": "app"}, NO),
+    ({**JWT, "audiences": [""]}, NO),
+    ({**JWT, "header": "bad header"}, NO),
+    ({**JWT, "header": "x:y"}, NO),
+    ({**JWT, "query": 5}, NO),
+    # A field of a Lambda authorizer: the parser refuses it, the CRD's `not` too.
+    ({**JWT, "ttl": "5m"}, NO),
+    ({**JWT, "identity_sources": ["header:authorization"]}, NO),
+    ({**JWT, "upstream": "lambdas"}, NO),
+    ("jwt", NO),
+    # The folder reads "" as absent.
+    ({**JWT, "header": ""}, CRD_STRICTER_VALUE),
+    ({**JWT, "query": ""}, CRD_STRICTER_VALUE),
+]
+
+
+@pytest.mark.parametrize(("authorizer", "want"), _table(JWT_AUTHORIZERS))
+def test_jwt_authorizer(authorizer: Any, want: tuple[bool, bool]) -> None:
+    _expect(authorizer_doc(authorizer), want)
+
+
+JWKS_FORMS = [
+    ({"inline": JWKS}, YES),
+    ({"inline": json.dumps(JWKS)}, YES),
+    ({"inline": {"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}], "extra": 1}}, YES),
+    ({"file": "/etc/lambdagate/jwks.json"}, YES),
+    ({"uri": "http://127.0.0.1:8080/jwks"}, YES),
+    ({"uri": "https://id.example.com/jwks?v=2", "timeout": 60, "cache_duration": "24h"}, YES),
+    ({"uri": "https://id.example.com", "timeout": "500ms", "cache_duration": 1}, YES),
+    ({}, NO),
+    ({"timeout": "5s"}, NO),
+    ({"inline": JWKS, "uri": "https://id.example.com/jwks"}, NO),
+    ({"file": "/jwks.json", "uri": "https://id.example.com/jwks"}, NO),
+    ({"inline": ""}, NO),
+    ({"inline": {}}, NO),
+    ({"inline": {"keys": []}}, NO),
+    ({"inline": {"keys": [{"kid": "k1"}]}}, NO),
+    ({"inline": {"keys": [{"kty": 1}]}}, NO),
+    ({"inline": {"keys": {"kty": "RSA"}}}, NO),
+    ({"file": ""}, NO),
+    ({"uri": ""}, NO),
+    ({"uri": "ftp://id.example.com/jwks"}, NO),
+    ({"uri": "/jwks.json"}, NO),
+    ({"uri": "https://"}, NO),
+    ({"uri": "https://id.example.com", "timeout": 0}, NO),
+    ({"uri": "https://id.example.com", "timeout": 61}, NO),
+    ({"uri": "https://id.example.com", "timeout": "5 s"}, NO),
+    ({"uri": "https://id.example.com", "cache_duration": 86401}, NO),
+    ({"uri": "https://id.example.com", "cache_duration": "1d"}, NO),
+    ("https://id.example.com/jwks", NO),
+    ({"uri": "https://id.example.com", "timeout": "2m"}, TEXT_OUT_OF_RANGE),
+    ({"uri": "https://id.example.com", "cache_duration": "25h"}, TEXT_OUT_OF_RANGE),
+    # The folder's URL parser takes the scheme in any case; the CRD's pattern only in lower case.
+    ({"uri": "HTTPS://id.example.com/jwks"}, CRD_STRICTER_VALUE),
+    # What the CRD cannot see in an untyped field (a mapping or text): JSON inside text, and other types.
+    ({"inline": "not json"}, (False, True)),
+    ({"inline": '{"keys": []}'}, (False, True)),
+    ({"inline": [JWKS]}, (False, True)),
+    ({"inline": 5}, (False, True)),
+]
+
+
+@pytest.mark.parametrize(("jwks", "want"), _table(JWKS_FORMS))
+def test_jwt_authorizer_jwks(jwks: Any, want: tuple[bool, bool]) -> None:
+    _expect(jwks_doc(jwks), want)
+
+
+LAMBDA_AUTHORIZERS = [
+    (LAMBDA, YES),
+    ({**LAMBDA, "upstream": {"name": "lambdas", "namespace": "team-a"}}, YES),
+    ({**{k: v for k, v in LAMBDA.items() if k != "function"}, "function_name": ARN + ":live"}, YES),
+    ({**LAMBDA, "identity_sources": ["header:x-a", "query:token", "query:a:b"]}, YES),
+    ({**LAMBDA, "ttl": 0}, YES),
+    ({**LAMBDA, "ttl": "0s"}, YES),
+    ({**LAMBDA, "ttl": "0"}, YES),
+    ({**LAMBDA, "ttl": 3600}, YES),
+    ({**LAMBDA, "ttl": "1h"}, YES),
+    ({**LAMBDA, "ttl": "500ms"}, YES),
+    ({k: v for k, v in LAMBDA.items() if k != "function"}, NO),
+    ({k: v for k, v in LAMBDA.items() if k != "upstream"}, NO),
+    ({k: v for k, v in LAMBDA.items() if k != "identity_sources"}, NO),
+    ({**LAMBDA, "function_name": "Authorize"}, NO),
+    ({**LAMBDA, "function": ""}, NO),
+    ({**{k: v for k, v in LAMBDA.items() if k != "function"}, "function_name": "no spaces"}, NO),
+    ({**LAMBDA, "upstream": {"namespace": "team-a"}}, NO),
+    ({**LAMBDA, "identity_sources": []}, NO),
+    ({**LAMBDA, "identity_sources": "header:authorization"}, NO),
+    ({**LAMBDA, "identity_sources": ["authorization"]}, NO),
+    ({**LAMBDA, "identity_sources": ["cookie:session"]}, NO),
+    ({**LAMBDA, "identity_sources": ["Header:authorization"]}, NO),
+    ({**LAMBDA, "identity_sources": ["header:"]}, NO),
+    ({**LAMBDA, "identity_sources": ["query:"]}, NO),
+    ({**LAMBDA, "identity_sources": ["header:bad name"]}, NO),
+    ({**LAMBDA, "identity_sources": ["header:x\n"]}, NO),
+    ({**LAMBDA, "ttl": 3601}, NO),
+    ({**LAMBDA, "ttl": -1}, NO),
+    ({**LAMBDA, "ttl": "soon"}, NO),
+    ({**LAMBDA, "ttl": True}, NO),
+    # A field of a JWT authorizer: the parser refuses it, the CRD's `not` too.
+    ({**LAMBDA, "issuer": "https://id.example.com"}, NO),
+    ({**LAMBDA, "jwks": {"uri": "https://id.example.com"}}, NO),
+    ({**LAMBDA, "header": "authorization"}, NO),
+    ({**LAMBDA, "ttl": "2h"}, TEXT_OUT_OF_RANGE),
+    ({**LAMBDA, "ttl": "0ms"}, TEXT_OUT_OF_RANGE),
+    # As in destinations: an upstream that cannot name an Upstream is refused at apply time.
+    ({**LAMBDA, "upstream": "Not_A_Name"}, CRD_STRICTER_VALUE),
+    # A line break in a query parameter's name: the folder takes it, the CRD's `.` does not.
+    ({**LAMBDA, "identity_sources": ["query:a\nb"]}, CRD_STRICTER_VALUE),
+]
+
+
+@pytest.mark.parametrize(("authorizer", "want"), _table(LAMBDA_AUTHORIZERS))
+def test_lambda_authorizer(authorizer: Any, want: tuple[bool, bool]) -> None:
+    _expect(authorizer_doc(authorizer), want)
+
+
+@pytest.mark.parametrize("name", ["none", "a b", "-a", "a" * 65, "caf\u00e9"])
+def test_the_crd_cannot_see_authorizer_names(name: str) -> None:
+    # Map keys: Kubernetes 1.20's schemas cannot constrain them; the control plane rejects these in status.
+    doc = authorizer_doc(JWT)
+    doc["spec"]["authorizers"] = {name: JWT}
+    assert (python_accepts(doc), crd_accepts(doc)) == (False, True)
+
+
+def auth_doc(where: str, auth: Any) -> dict[str, Any]:
+    """A document with two authorizers and API keys, and this auth on the service or on its route."""
+    doc = vs_doc(authorizers={"jwt": JWT, "fn": LAMBDA}, api_keys={"secret_ref": "keys"})
+    if where == "service":
+        doc["spec"]["auth"] = auth
+    else:
+        doc["spec"]["routes"][0]["auth"] = auth
+    return doc
+
+
+AUTHS = [
+    ({}, YES),
+    ({"authorizer": "jwt"}, YES),
+    ({"authorizer": "fn"}, YES),
+    ({"authorizer": "none"}, YES),
+    ({"authorizer": "jwt", "scopes": ["read", "pets/write", "https://api.example.com/pets.read"]}, YES),
+    ({"authorizer": "jwt", "scopes": ["s" * 256]}, YES),
+    ({"scopes": []}, YES),
+    ({"api_key_required": True}, YES),
+    ({"authorizer": "fn", "api_key_required": False}, YES),
+    ({"authorizer": "bad name"}, NO),
+    ({"authorizer": 5}, NO),
+    ({"authorizer": "jwt", "scopes": "read"}, NO),
+    ({"authorizer": "jwt", "scopes": ["a b"]}, NO),
+    ({"authorizer": "jwt", "scopes": ['a"b']}, NO),
+    ({"authorizer": "jwt", "scopes": ["a\\b"]}, NO),
+    ({"authorizer": "jwt", "scopes": [""]}, NO),
+    ({"authorizer": "jwt", "scopes": ["caf\u00e9"]}, NO),
+    ({"authorizer": "jwt", "scopes": ["s" * 257]}, NO),
+    ({"api_key_required": "yes"}, NO),
+    ("jwt", NO),
+    # The folder reads "" as absent.
+    ({"authorizer": ""}, CRD_STRICTER_VALUE),
+    # Across fields and objects, so the control plane's: the name must be an authorizer's, and scopes need JWT.
+    ({"authorizer": "missing"}, (False, True)),
+    ({"authorizer": "fn", "scopes": ["read"]}, (False, True)),
+    ({"scopes": ["read"]}, (False, True)),
+]
+
+
+@pytest.mark.parametrize("where", ["service", "route"])
+@pytest.mark.parametrize(("auth", "want"), _table(AUTHS))
+def test_auth(where: str, auth: Any, want: tuple[bool, bool]) -> None:
+    _expect(auth_doc(where, auth), want)
+
+
+def test_api_key_required_needs_api_keys() -> None:
+    doc = vs_doc()
+    doc["spec"]["routes"][0]["auth"] = {"api_key_required": True}
+    assert (python_accepts(doc), crd_accepts(doc)) == (False, True)
+    doc["spec"]["api_keys"] = {"secret_ref": "keys"}
+    # The Secret is looked up when the configuration is resolved, not when it is parsed.
+    assert (python_accepts(doc), crd_accepts(doc)) == (True, True)
+
+
+API_KEYS = [
+    ({"secret_ref": "keys"}, YES),
+    ({"secret_ref": "keys", "rate_limit": {"requests": 5}}, YES),
+    ({"secret_ref": "keys", "limits": {"partner": {"requests": 100, "per": "1m", "burst": 150}}}, YES),
+    ({"secret_ref": "keys", "rate_limit": {"requests": 5}, "limits": {}}, YES),
+    ({}, NO),
+    ({"secret_ref": ""}, NO),
+    ({"secret_ref": 5}, NO),
+    ({"rate_limit": {"requests": 5}}, NO),
+    ({"secret_ref": "keys", "rate_limit": {}}, NO),
+    ({"secret_ref": "keys", "rate_limit": {"requests": 0}}, NO),
+    ({"secret_ref": "keys", "rate_limit": {"requests": 5, "per": 86401}}, NO),
+    ({"secret_ref": "keys", "limits": {"p": {"per": "1s"}}}, NO),
+    ({"secret_ref": "keys", "limits": {"p": {"requests": "10"}}}, NO),
+    ({"secret_ref": "keys", "limits": {"p": {"requests": 10, "per": "1 s"}}}, NO),
+    ({"secret_ref": "keys", "limits": {"p": 5}}, NO),
+    ({"secret_ref": "keys", "limits": ["p"]}, NO),
+    ("keys", NO),
+    # As an Upstream's secret_ref: a name that cannot name a Secret is refused at apply time.
+    ({"secret_ref": "Not_A_Name"}, CRD_STRICTER_VALUE),
+    # burst at least requests, and the period's text range: the control plane's.
+    ({"secret_ref": "keys", "limits": {"p": {"requests": 10, "burst": 5}}}, (False, True)),
+    ({"secret_ref": "keys", "rate_limit": {"requests": 10, "per": "10ms"}}, TEXT_OUT_OF_RANGE),
+]
+
+
+@pytest.mark.parametrize(("api_keys", "want"), _table(API_KEYS))
+def test_api_keys(api_keys: Any, want: tuple[bool, bool]) -> None:
+    _expect(vs_doc(api_keys=api_keys), want)
+
+
+INTEGRATIONS = [
+    ({}, YES),
+    ({"request_template": '{"id": "{{ path_params.id }}"}'}, YES),
+    ({"responses": []}, YES),
+    ({"responses": [{}]}, YES),
+    ({"responses": [{"status": 599, "pattern": "x"}, {"status": 200}]}, YES),
+    (
+        {"responses": [{"headers": {"x-a": "1", "Cache-Control": "no-store"}, "content_type": "text/plain"}]},
+        YES,
+    ),
+    (FULL_INTEGRATION, YES),
+    ({"request_template": ""}, NO),
+    ({"request_template": 5}, NO),
+    ({"responses": {}}, NO),
+    ({"responses": ["ok"]}, NO),
+    ({"responses": [{"status": 199}]}, NO),
+    ({"responses": [{"status": 600}]}, NO),
+    ({"responses": [{"status": "200"}]}, NO),
+    ({"responses": [{"pattern": ""}]}, NO),
+    ({"responses": [{"pattern": 5}]}, NO),
+    ({"responses": [{"template": ""}]}, NO),
+    ({"responses": [{"headers": ["x-a"]}]}, NO),
+    ({"responses": [{"headers": {"x-a": "a\nb"}}]}, NO),
+    ({"responses": [{"headers": {"x-a": True}}]}, NO),
+    ({"responses": [{"content_type": 5}]}, NO),
+    ("template", NO),
+    # The folder reads "" as absent, and takes a number as a header's text (as in mocks).
+    ({"responses": [{"content_type": ""}]}, CRD_STRICTER_VALUE),
+    ({"responses": [{"headers": {"x-a": 1}}]}, CRD_STRICTER_VALUE),
+    # Across items, or inside text (regexes, templates) or keys (header names): the control plane's.
+    ({"responses": [{"status": 200}, {"status": 500}]}, (False, True)),
+    ({"responses": [{"pattern": "("}]}, (False, True)),
+    ({"request_template": "{{ path"}, (False, True)),
+    ({"responses": [{"headers": {"bad name": "x"}}]}, (False, True)),
+    ({"responses": [{"headers": {"content-length": "1"}}]}, (False, True)),
+]
+
+
+@pytest.mark.parametrize(("integration", "want"), _table(INTEGRATIONS))
+def test_integration(integration: Any, want: tuple[bool, bool]) -> None:
+    _expect(route_doc({**dest(function="list-pets"), "integration": integration}), want)
+
+
+@pytest.mark.parametrize(
+    ("route", "want"),
+    [
+        pytest.param({**dest(function="a"), "integration": {}}, YES, id="destination+integration"),
+        pytest.param(
+            {**dest(function="a"), "integration": {}, "options": {"timeout": 5, "invocation_type": "Event"}},
+            YES,
+            id="integration+options",
+        ),
+        pytest.param({"mock": {}, "integration": {}}, NO, id="mock+integration"),
+        pytest.param({**dest(function="a"), "mock": {}, "integration": {}}, NO, id="all three"),
+        pytest.param({"integration": {}}, NO, id="only integration"),
+        pytest.param(
+            {**dest(function="a"), "integration": {}, "options": {"payload_format": "raw"}},
+            NO,
+            id="integration+payload_format",
+        ),
+    ],
+)
+def test_integration_only_with_a_destination(route: dict[str, Any], want: tuple[bool, bool]) -> None:
+    _expect(route_doc(route), want)
+
+
+@pytest.mark.parametrize(
+    ("auth", "want"),
+    [
+        pytest.param({"authorizer": "jwt", "scopes": ["read"]}, YES, id="jwt"),
+        pytest.param({"authorizer": "none"}, YES, id="none"),
+        # Envoy answers a mock route: only its jwt_authn applies. Across objects, so the control plane's.
+        pytest.param({"authorizer": "fn"}, (False, True), id="lambda authorizer"),
+        pytest.param({"api_key_required": True}, (False, True), id="api key"),
+    ],
+)
+def test_mock_route_auth(auth: dict[str, Any], want: tuple[bool, bool]) -> None:
+    doc = auth_doc("route", auth)
+    doc["spec"]["routes"][0] = {"matcher": {"path": "/health"}, "mock": {}, "auth": auth}
+    _expect(doc, want)
+
+
+def test_service_and_route_auth_are_the_same_schema() -> None:
+    assert _vs_spec()["auth"]["properties"] == _route_props()["auth"]["properties"]
+
+
+def test_every_rate_limit_is_the_same_schema() -> None:
+    (opts, _) = _options_nodes()
+    keys = _vs_spec()["api_keys"]["properties"]
+    for node in (keys["rate_limit"], keys["limits"]["additionalProperties"]):
+        assert node["properties"] == opts["properties"]["rate_limit"]["properties"]
+        assert node["required"] == opts["properties"]["rate_limit"]["required"]
+
+
+def test_issue_7_patterns_and_limits_are_the_parsers() -> None:
+    auth = _vs_spec()["auth"]["properties"]
+    assert auth["authorizer"]["pattern"] == model_parse.AUTHORIZER_NAME_RE.pattern
+    assert auth["scopes"]["items"]["pattern"] == model_parse.SCOPE_RE.pattern
+    authz = _authorizer_props()
+    assert authz["type"]["enum"] == ["jwt", "lambda"]
+    assert authz["header"]["pattern"] == model_parse.HEADER_NAME_RE.pattern
+    header = model_parse.HEADER_NAME_RE.pattern.strip("^$")
+    assert authz["identity_sources"]["items"]["pattern"] == f"^(header:{header}|query:.+)$"
+    assert IDENTITY_KINDS == ("header", "query")  # the pattern's two alternatives
+    # Every duration has one pattern; their ranges are the parser's.
+    jwks = authz["jwks"]["properties"]
+    (opts, _) = _options_nodes()
+    for node, high, low in [
+        (jwks["timeout"], 60, 1),
+        (jwks["cache_duration"], model_parse.DAY_S, 1),
+        (authz["ttl"], model_parse.MAX_TTL_S, 0),
+    ]:
+        assert node["pattern"] == opts["properties"]["timeout"]["pattern"]
+        assert node.get("x-kubernetes-int-or-string") and "type" not in node
+        assert (node["minimum"], node["maximum"]) == (low, high)
+    # The authorizer's Upstream reference is destination.upstream's.
+    dest_props = _route_props()["destination"]["properties"]
+    assert {k: v for k, v in authz["upstream"].items() if k != "description"} == {
+        k: v for k, v in dest_props["upstream"].items() if k != "description"
+    }
+    response = _route_props()["integration"]["properties"]["responses"]["items"]["properties"]
+    low, high = model_parse.INTEGRATION_STATUS_RANGE
+    assert (response["status"]["minimum"], response["status"]["maximum"]) == (low, high)
+    assert response["headers"] == _route_props()["mock"]["properties"]["headers"]
+
+
+def test_schema_default_of_an_integration_response_is_the_parsers() -> None:
+    doc = route_doc({**dest(function="list-pets"), "integration": {"responses": [{}]}})
+    vs = parse_document(doc)
+    assert isinstance(vs, VirtualService) and vs.routes[0].integration is not None
+    defaulted = apply_defaults(schema("virtualservices"), copy.deepcopy(doc))
+    status = defaulted["spec"]["routes"][0]["integration"]["responses"][0]["status"]
+    assert status == vs.routes[0].integration.responses[0].status == 200
 
 
 # ---------------------------------------------------------------------------------------------------------------
