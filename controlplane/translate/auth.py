@@ -19,8 +19,7 @@ from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2
-from google.protobuf.message import Message
+from google.protobuf import any_pb2, struct_pb2
 
 from controlplane.model.resources import (
     Authorizer,
@@ -32,6 +31,8 @@ from controlplane.model.resources import (
     VirtualService,
 )
 from controlplane.model.routes import ApiKeyTable
+from controlplane.translate.protos import any_of as _any
+from controlplane.translate.protos import duration
 
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 RBAC_FILTER = "envoy.filters.http.rbac"
@@ -56,18 +57,6 @@ def jwks_cluster_name(ep: Endpoint) -> str:
     return f"{JWKS_CLUSTER_PREFIX}{ep.scheme}_{ep.host}_{ep.port}"
 
 
-def _any(msg: Message) -> any_pb2.Any:
-    out = any_pb2.Any()
-    out.Pack(msg)
-    return out
-
-
-def _seconds(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(value * 1e9))
-    return d
-
-
 def jwt_provider(jwt: JwtAuthorizer) -> jwt_pb2.JwtProvider:
     provider = jwt_pb2.JwtProvider(
         issuer=jwt.issuer,
@@ -86,9 +75,9 @@ def jwt_provider(jwt: JwtAuthorizer) -> jwt_pb2.JwtProvider:
                 http_uri=http_uri_pb2.HttpUri(
                     uri=jwt.jwks.uri,
                     cluster=jwks_cluster_name(jwks_endpoint(jwt.jwks.uri)),
-                    timeout=_seconds(jwt.jwks.timeout_s),
+                    timeout=duration(jwt.jwks.timeout_s),
                 ),
-                cache_duration=_seconds(jwt.jwks.cache_s),
+                cache_duration=duration(jwt.jwks.cache_s),
                 # Fetched when the listener starts, not on the first request; the listener does not wait for it.
                 async_fetch=jwt_pb2.JwksAsyncFetch(fast_listener=True),
             )

@@ -68,6 +68,8 @@ from controlplane.model.resources import (
 from controlplane.model.routes import AuthorizerTarget, Invocable, RouteTarget, invoke_path
 from controlplane.translate import auth
 from controlplane.translate.auth import JWT_FILTER
+from controlplane.translate.protos import any_of as _any
+from controlplane.translate.protos import duration as _duration
 
 __all__ = ["invoke_path", "translate", "TranslateOptions", "Translation", "Translator"]
 
@@ -133,18 +135,6 @@ class Translation:
             LISTENER_TYPE: {listener.name: listener for listener in self.listeners},
             ROUTE_TYPE: {r.name: r for r in self.routes},
         }
-
-
-def _any(msg: Message) -> any_pb2.Any:
-    out = any_pb2.Any()
-    out.Pack(msg)
-    return out
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
 
 
 def upstream_endpoint(up: Upstream, config: Config) -> Endpoint:
