@@ -189,7 +189,7 @@ class Gate:
                 name = key_name
         if name is None:
             return json_error(403, "Forbidden", request_id, log_reason="API key unknown")
-        limit = dict(table.limits).get(name, table.rate_limit)
+        limit = next((lim for key_name, lim in table.limits if key_name == name), table.rate_limit)
         if limit is not None:
             bucket = self._buckets.get((table.name, name))
             if bucket is None or (bucket.rate, bucket.burst) != (limit.requests / limit.per_s, limit.burst):

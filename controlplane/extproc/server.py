@@ -369,14 +369,9 @@ class Processor:
         self, req: pb.ProcessingRequest, a: AuthorizerTarget, values: tuple[str, ...], method_arn: str
     ) -> pb.ProcessingResponse:
         assert self.target is not None
-        try:
-            if self.target.auth_role is not None:
-                creds = self.target.auth_role.current()
-            else:
-                creds = self.target.auth_credentials or self.server.default_chain.current()
-        except CredentialsUnavailable as err:
-            log.error("request %s: authorizer %s: no AWS credentials: %s", self.request_id, a.name, err)
-            return self._immediate(json_error(500, "Authorizer error", self.request_id))
+        creds = self._credentials(self.target.target, authorizer=True)
+        if isinstance(creds, pb.ProcessingResponse):
+            return creds
         http = HttpRequest(
             self.method,
             self.path,
@@ -437,16 +432,29 @@ class Processor:
         assert self.target.fixed is not None
         return self.target.fixed
 
-    def _credentials(self, t: RouteTarget) -> ReadOnlyCredentials | pb.ProcessingResponse:
-        assert self.target is not None
+    def _credentials(
+        self, t: RouteTarget, authorizer: bool = False
+    ) -> ReadOnlyCredentials | pb.ProcessingResponse:
+        """The keys that sign the route's Invoke (or, with `authorizer`, its Lambda authorizer's): a role's, the
+        Secret's, else the default chain's."""
+        c = self.target
+        assert c is not None
+        role, keys = (c.auth_role, c.auth_credentials) if authorizer else (c.role, c.credentials)
         try:
-            if self.target.role is not None:
-                return self.target.role.current()
-            return self.target.credentials or self.server.default_chain.current()
+            if role is not None:
+                return role.current()
+            return keys or self.server.default_chain.current()
         except CredentialsUnavailable as err:
-            log.error("request %s: route %s: no AWS credentials: %s", self.request_id, t.route_name, err)
+            what = "its authorizer" if authorizer else "this function"
+            log.error(
+                "request %s: route %s: no AWS credentials for %s: %s",
+                self.request_id,
+                t.route_name,
+                what,
+                err,
+            )
             return self._immediate(
-                json_error(502, "The gateway has no AWS credentials for this function", self.request_id)
+                json_error(502, f"The gateway has no AWS credentials for {what}", self.request_id)
             )
 
     def _invoke(self, body: bytes, phase: str) -> pb.ProcessingResponse:
