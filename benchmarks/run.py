@@ -644,10 +644,12 @@ def bench_native(procs: Procs, fast_port: int, duration: int, warmup: int) -> Pa
         procs.stop(envoy)
 
 
-def start_lambdagate(procs: Procs, config_dir: Path, workers: int = 0) -> tuple[Proc, Proc, int]:
+def start_lambdagate(
+    procs: Procs, config_dir: Path, workers: int = 0, recycle_after: int | None = None
+) -> tuple[Proc, Proc, int]:
     """`lambdagate serve` in its own process (and GIL), as an operator runs it, and an Envoy bootstrapped to it.
 
-    Returns (control plane, Envoy, Envoy's HTTP port).
+    Returns (control plane, Envoy, Envoy's HTTP port). `recycle_after`: `--extproc-recycle-after` (None: its default).
     """
     port, admin, grpc_port = free_port(), free_port(), free_port()
     cp = procs.start(
@@ -668,6 +670,7 @@ def start_lambdagate(procs: Procs, config_dir: Path, workers: int = 0) -> tuple[
             "--listen-port",
             str(port),
             *(["--extproc-workers", str(workers)] if workers else []),
+            *(["--extproc-recycle-after", str(recycle_after)] if recycle_after is not None else []),
         ],
         clean_env(),
     )

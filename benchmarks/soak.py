@@ -1,9 +1,10 @@
 """Memory under steady load: lambdagate's ext_proc path driven for minutes, its RSS sampled as it goes.
 
-`python benchmarks/soak.py [--minutes 10] [--connections 4] [--workers 0]` starts the same stand-in Lambda
-endpoint, `lambdagate serve` and Envoy as benchmarks/run.py's path (c), runs wrk for the whole time, samples the
-resident memory of the control plane (and its ext_proc workers) every few seconds, and prints the RSS at the
-start of the load (after a warm-up minute), at the end and at its peak, with the change in percent.
+`python benchmarks/soak.py [--minutes 10] [--connections 4] [--workers 0] [--recycle-after N]` starts the same
+stand-in Lambda endpoint, `lambdagate serve` and Envoy as benchmarks/run.py's path (c), runs wrk for the whole
+time, samples the resident memory of the control plane (and its ext_proc workers) every few seconds, and prints
+the RSS at the start of the load (after a warm-up minute), at the end and at its peak, with the change in percent,
+and wrk's count of non-2xx answers (with workers, `--recycle-after` makes their replacements frequent).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
     p.add_argument("--workers", type=int, default=0, help="ext_proc worker processes (default 0: in-process)")
     p.add_argument("--every", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument(
+        "--recycle-after",
+        type=int,
+        default=None,
+        help="replace a worker after this many streams (--extproc-recycle-after; default: lambdagate's)",
+    )
     args = p.parse_args(argv)
     total_s = args.warmup + args.minutes * 60
     with workspace(False) as workdir:
@@ -58,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             fast_port = start_fast_lambda(procs)
             config = workdir / "soak-config"
             config.mkdir()
-            cp, envoy, port = start_lambdagate(procs, lambdagate_config_dir(config, fast_port), args.workers)
+            cp, envoy, port = start_lambdagate(
+                procs, lambdagate_config_dir(config, fast_port), args.workers, args.recycle_after
+            )
             url = f"http://127.0.0.1:{port}/"
             verify("c", url, [cp, envoy])
             wrk = subprocess.Popen(
@@ -85,11 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(m for _, m in counted)
     change = 100 * (end - start) / start
     rps = next((line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec:")), "?")
-    non2xx = next((line for line in out.splitlines() if "Non-2xx" in line), "")
-    print(
-        f"load: wrk -t1 -c{args.connections} for {total_s:.0f} s ({args.warmup:.0f} s warm-up), {rps} req/s {non2xx}"
+    # wrk prints these lines only when there is something to count.
+    non2xx = next(
+        (line.strip() for line in out.splitlines() if "Non-2xx" in line), "Non-2xx or 3xx responses: 0"
     )
-    print(f"workers: {args.workers}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    socket_errors = next((line.strip() for line in out.splitlines() if "Socket errors" in line), "")
+    print(
+        f"load: wrk -t1 -c{args.connections} for {total_s:.0f} s ({args.warmup:.0f} s warm-up), {rps} req/s; {non2xx}"
+        + (f"; {socket_errors}" if socket_errors else "")
+    )
+    recycle = "" if args.recycle_after is None else f", recycled after {args.recycle_after} streams"
+    print(
+        f"workers: {args.workers}{recycle}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
     print()
     print("| control plane RSS (MB) | at start of the measured load | at the end | peak | change |")
     print("|---|---:|---:|---:|---:|")

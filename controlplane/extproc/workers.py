@@ -4,7 +4,8 @@ The control plane stays one process (sources, translate, ADS). Each worker is a 
 gRPC server on its own port, its own RouteTable and credentials; Envoy's ext_proc cluster lists every worker's
 port and spreads streams over them round robin. The control plane sends each route table to every worker and
 waits for all of them to install it before Envoy hears of the routes (the same "ext_proc first" rule as with
-one process), and tells them which route generations Envoy still uses.
+one process), and tells them which route generations Envoy still uses. After the first table a worker is sent only
+what changed (entries added or changed, names removed); it rebuilds the full table from its previous one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from controlplane.model.routes import RouteTarget
@@ -30,13 +32,25 @@ class WorkerError(RuntimeError):
     pass
 
 
+@dataclass
+class _Retiring:
+    """A worker a replacement took over from, still serving what Envoy sends its port until it is retired."""
+
+    index: int
+    port: int
+    proc: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+
+
 class ExtProcWorkers:
     """N ext_proc worker processes, fed route tables over pipes. Use from one asyncio task at a time.
 
-    With `recycle_after`, a worker that has served that many streams is replaced by a fresh process on the same
-    port (SO_REUSEPORT): the new one is given every route table Envoy may still use, then the old one stops
-    gracefully (Envoy's connection gets GOAWAY and reconnects to the new listener). That bounds the native memory
-    grpc.aio leaks on streams Envoy resets (grpc issue 43360).
+    With `recycle_after`, a worker that has served that many streams is replaced by a fresh process on a new
+    port: the new one is given every route table Envoy may still use and takes the old one's place in `ports`;
+    the old one keeps serving (and keeps being sent route tables) as "retiring" until `retire()`, which the
+    control plane calls once every Envoy has ACKed ext_proc endpoints (EDS) without the old port (Envoy then drains
+    its connections to the old one: streams in flight finish, new ones go to the new port). That bounds the native
+    memory grpc.aio leaks on streams Envoy resets (grpc issue 43360) without failing a request.
     """
 
     def __init__(
@@ -58,6 +72,11 @@ class ExtProcWorkers:
         self._current = ""
         self._in_use: set[str] = set()
         self._default_chain = False
+        # Every worker holds exactly self._tables[self._current] (so a change can be sent as a delta).
+        self._synced = False
+        # Replaced workers, until retire() (then `_leaving` while they stop).
+        self._retiring: list[_Retiring] = []
+        self._leaving: list[_Retiring] = []
 
     async def start(self) -> list[int]:
         """Start the workers; returns the port each one serves ext_proc on."""
@@ -94,14 +113,36 @@ class ExtProcWorkers:
             raise
         return proc, parent, got
 
+    @property
+    def retiring(self) -> list[int]:
+        """Ports of the replaced workers not retired yet."""
+        return [r.port for r in self._retiring]
+
     async def update(self, targets: Mapping[str, RouteTarget], version: str, default_chain: bool) -> None:
-        """Install a route table in every worker; returns once all have it (so Envoy may be told)."""
+        """Install a route table in every worker; returns once all have it (so Envoy may be told).
+
+        Only what changed since the last table is sent; nothing at all when the table and version are the same."""
         table = dict(targets)
         async with self._lock:
+            chain = self._default_chain or default_chain
+            base = self._tables.get(self._current) if self._synced else None
+            message: tuple[Any, ...]
+            if base is not None:
+                # By identity: translate hands back the very same target for an unchanged route (and equality
+                # would miss what RouteTarget leaves out of it, param_functions).
+                changed = {k: v for k, v in table.items() if base.get(k) is not v}
+                removed = [k for k in base if k not in table]
+                if not changed and not removed and version == self._current and chain == self._default_chain:
+                    return  # the workers have this very table (a re-apply that only moved their ports, say)
+                message = ("delta", changed, removed, version, chain)
+            else:
+                message = ("update", table, version, chain)
             self._tables[version] = table
             self._current = version
-            self._default_chain = self._default_chain or default_chain
-            await self._all(("update", table, version, default_chain), "install routes")
+            self._default_chain = chain
+            self._synced = False
+            # A retiring worker that missed it gets the next table in full (with everyone: simpler, and rare).
+            self._synced = await self._all(message, "install routes")
 
     async def retain(self, in_use: set[str]) -> None:
         async with self._lock:
@@ -110,7 +151,9 @@ class ExtProcWorkers:
             await self._all(("retain", set(in_use)), "retain route generations")
 
     async def recycle_worn(self) -> int:
-        """Replace the workers that served `recycle_after` streams or more; returns how many were replaced."""
+        """Replace the workers that served `recycle_after` streams or more; returns how many were replaced.
+
+        The replaced ones keep serving until `retire()`: first move Envoy off their ports (`retiring`)."""
         if not self.recycle_after:
             return 0
         replaced = 0
@@ -125,35 +168,84 @@ class ExtProcWorkers:
         return replaced
 
     async def _replace(self, i: int) -> None:
-        proc, conn, _ = await self._spawn(i, self.ports[i])
-        # The newcomer first learns every table an Envoy may still route with, then the old worker goes.
-        for version in [v for v in self._tables if v != self._current] + [self._current]:
-            if version not in self._tables:
-                continue
-            conn.send(("update", self._tables[version], version, self._default_chain))
-            kind, detail = await self._recv(conn, UPDATE_TIMEOUT_S, f"new worker {i} to install routes")
-            if kind != "ok":
-                proc.kill()
-                raise WorkerError(f"new worker {i} could not install routes: {detail}")
-        old_proc, old_conn = self._procs[i], self._conns[i]
-        self._procs[i], self._conns[i] = proc, conn
-        with contextlib.suppress(OSError):
-            old_conn.send(("stop",))
-        await asyncio.to_thread(old_proc.join, 10.0)
-        if old_proc.is_alive():
-            old_proc.kill()
-        old_conn.close()
+        # A new port: the old worker's listener and connections stay as they are until Envoy has moved off them.
+        proc, conn, port = await self._spawn(i, 0)
+        try:
+            # The newcomer first learns every table an Envoy may still route with (the current one last). What
+            # is in use goes first: a RouteTable keeps only those generations (and the current one) on update.
+            messages: list[tuple[Any, ...]] = [("retain", set(self._in_use))]
+            for version in [v for v in self._tables if v != self._current] + [self._current]:
+                if version in self._tables:
+                    messages.append(("update", self._tables[version], version, self._default_chain))
+            for message in messages:
+                await asyncio.to_thread(conn.send, message)
+                kind, detail = await self._recv(conn, UPDATE_TIMEOUT_S, f"new worker {i} to install routes")
+                if kind != "ok":
+                    raise WorkerError(f"new worker {i} could not install routes: {detail}")
+        except BaseException:
+            proc.kill()
+            conn.close()
+            raise
+        self._retiring.append(_Retiring(i, self.ports[i], self._procs[i], self._conns[i]))
+        self._procs[i], self._conns[i], self.ports[i] = proc, conn, port
         log.info(
-            "ext_proc worker %d replaced after %d streams (port %d)", i, self.recycle_after, self.ports[i]
+            "ext_proc worker %d replaced after %d streams: port %d now, port %d retiring",
+            i,
+            self.recycle_after,
+            port,
+            self._retiring[-1].port,
         )
 
-    async def _all(self, message: tuple[Any, ...], what: str) -> None:
+    async def retire(self) -> int:
+        """Stop the replaced workers (gracefully: their streams in flight finish); returns how many."""
+        async with self._lock:
+            leaving, self._retiring = self._retiring, []
+            self._leaving.extend(leaving)
+            for r in leaving:
+                with contextlib.suppress(OSError):
+                    r.conn.send(("stop",))
+        for r in leaving:
+            await self._end(r.proc, 10.0)
+            r.conn.close()
+            self._leaving.remove(r)
+            log.info("ext_proc worker %d retired (port %d)", r.index, r.port)
+        return len(leaving)
+
+    @staticmethod
+    async def _end(proc: multiprocessing.process.BaseProcess, timeout: float) -> None:
+        await asyncio.to_thread(proc.join, timeout)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join, 5.0)
+
+    async def _all(self, message: tuple[Any, ...], what: str) -> bool:
+        """Send to every worker and wait for all; raises if a current worker fails. Retiring workers get it too
+        (Envoy may still send them streams until it has the new ports), but one of them failing only warns (it is
+        about to go): returns False then."""
+        retiring = list(self._retiring)
         for conn in self._conns:
             await asyncio.to_thread(conn.send, message)
+        for r in retiring:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(r.conn.send, message)
         for i, conn in enumerate(self._conns):
             kind, detail = await self._recv(conn, UPDATE_TIMEOUT_S, f"worker {i} to {what}")
             if kind != "ok":
                 raise WorkerError(f"worker {i} could not {what}: {detail}")
+        every = True
+        for r in retiring:
+            try:
+                kind, detail = await self._recv(
+                    r.conn, UPDATE_TIMEOUT_S, f"retiring worker {r.index} to {what}"
+                )
+            except WorkerError as err:
+                kind, detail = "error", str(err)
+            if kind != "ok":
+                every = False
+                log.warning(
+                    "retiring ext_proc worker %d (port %d) could not %s: %s", r.index, r.port, what, detail
+                )
+        return every
 
     async def _recv(self, conn: multiprocessing.connection.Connection, timeout: float, what: str) -> Any:
         def wait() -> Any:
@@ -167,17 +259,20 @@ class ExtProcWorkers:
             raise WorkerError(f"lost {what}: {err!r}") from None
 
     async def stop(self) -> None:
-        for conn in self._conns:
+        """Stop every worker: the current ones, those retiring and those still stopping."""
+        others = [*self._retiring, *self._leaving]
+        procs = [*self._procs, *(r.proc for r in others)]
+        conns = [*self._conns, *(r.conn for r in others)]
+        for conn in conns:
             with contextlib.suppress(OSError):
                 conn.send(("stop",))
-        for proc in self._procs:
-            await asyncio.to_thread(proc.join, 5.0)
-            if proc.is_alive():
-                proc.kill()
-                await asyncio.to_thread(proc.join, 5.0)
-        for conn in self._conns:
+        for proc in procs:
+            await self._end(proc, 5.0)
+        for conn in conns:
             conn.close()
         self._procs, self._conns, self.ports = [], [], []
+        self._retiring, self._leaving = [], []
+        self._synced = False
 
 
 def worker_main(
@@ -201,9 +296,8 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
 
     chain = DefaultChain()
     routes = RouteTable(RoleCache(chain))
-    # SO_REUSEPORT: a replacement binds the same port while this one is still draining.
-    options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.so_reuseport"] + [("grpc.so_reuseport", 1)]
-    server = grpc.aio.server(options=options)
+    # No SO_REUSEPORT: a replacement listens on a port of its own (GRPC_OPTIONS turns it off).
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     servicer = ExtProcServer(routes, chain)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     try:
@@ -216,6 +310,8 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     chain_started = False
+    # The last table installed: a "delta" message is applied to it.
+    last: dict[str, RouteTarget] = {}
     try:
         while True:
             message = await asyncio.to_thread(conn.recv)
@@ -223,8 +319,15 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
             if kind == "stop":
                 break
             try:
-                if kind == "update":
-                    _, targets, version, needs_chain = message
+                if kind in ("update", "delta"):
+                    if kind == "update":
+                        _, targets, version, needs_chain = message
+                    else:
+                        _, changed, removed, version, needs_chain = message
+                        targets = dict(last)
+                        targets.update(changed)
+                        for name in removed:
+                            targets.pop(name, None)
                     if needs_chain and not chain_started:
                         chain_started = True
                         await asyncio.to_thread(chain.load)
@@ -233,6 +336,7 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
                     if fresh is not None:
                         tasks.append(fresh)
                     routes.update(targets, version)
+                    last = targets
                 elif kind == "retain":
                     routes.retain(message[1])
                 elif kind == "stats":
@@ -249,5 +353,5 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Graceful: streams in flight finish; Envoy's connection gets GOAWAY and moves to the replacement.
+        # Graceful: streams in flight finish (a retiring worker is stopped once Envoy has moved to its replacement).
         await server.stop(5.0)

@@ -74,6 +74,30 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             except asyncio.TimeoutError:
                 return False
 
+    async def wait_all_acked(self, type_url: str, timeout: float, version: str | None = None) -> bool:
+        """Wait until every connected Envoy has ACKed `type_url` at `version` (None: whatever version the current
+        snapshot has, followed as it changes). True at once when no Envoy is connected; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            want = version
+            if want is None:
+                snapshot = self.cache.snapshot
+                want = snapshot.versions.get(type_url) if snapshot is not None else None
+            # Per stream, not per node: a stream that has not ACKed the type yet (just connected) is waited for.
+            if want is None or all(
+                (st := states.get(type_url)) is not None and st.acked_version == want
+                for states in self._streams.values()
+            ):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            event = self._acked
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+
     def versions_in_use(self, type_url: str) -> set[str]:
         """Versions of a type that some connected Envoy holds or is being sent: still routable there."""
         out: set[str] = set()
@@ -153,6 +177,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             reader.cancel()
             self._streams.pop(id(states), None)
             self._state_changed()
+            self._note_ack()  # a waiter for "every connected Envoy ACKed" may be waiting on this one alone
             if node is not None:
                 node.connected = False
                 log.info("Envoy %s disconnected", node.node_id)

@@ -3,7 +3,9 @@ Envoy routes with them, and the request path is the same as with one process."""
 
 from __future__ import annotations
 
+import multiprocessing
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,8 +97,17 @@ def test_a_route_change_reaches_every_worker_before_envoy(stack: tuple[str, Envo
     wait_until(lambda: http("GET", f"{url}/items/1").status == 200, what="the route back")
 
 
+def _extproc_children() -> set[int]:
+    # The control plane runs in this process (a LoopThread), so its workers are this process's children.
+    return {
+        p.pid for p in multiprocessing.active_children() if p.name.startswith("lambdagate-extproc-") and p.pid
+    }
+
+
 def test_worn_workers_are_replaced_without_failing_requests(tmp_path: Path) -> None:
-    """A worker replaced after 10 streams, on the same port, while requests keep coming: none fails."""
+    """Under steady concurrent load, a worker replaced every 30 streams: each newcomer listens on a new port,
+    Envoy's ext_proc cluster moves to it, and only then does the old one stop. No request fails."""
+    before = _extproc_children()
     loop_thread = LoopThread()
     functions, folder = lay_out(tmp_path, FUNCTIONS, CONFIG)
     try:
@@ -106,22 +117,53 @@ def test_worn_workers_are_replaced_without_failing_requests(tmp_path: Path) -> N
             functions,
             {"AKIDWORKERS": SECRET},
             extproc_workers=1,
-            extproc_recycle_after=10,
+            extproc_recycle_after=30,
         ) as (url, envoy):
-            # The control plane checks every 5 s; 12 s of steady requests spans at least two replacements.
-            deadline = time.monotonic() + 12
-            statuses = []
-            while time.monotonic() < deadline:
-                statuses.append(http("GET", f"{url}/items/1").status)
-                time.sleep(0.02)
-            assert set(statuses) == {200}, statuses
-            assert len(_streams_per_worker(envoy)) == 1
-            # Each replacement ends the old worker's connection (GOAWAY); Envoy connects again, to the new one.
-            connections = sum(
-                int(line.rsplit("::", 1)[1])
-                for line in envoy.admin("/clusters").splitlines()
-                if line.startswith("lambdagate_extproc::") and "::cx_total::" in line
-            )
-            assert connections >= 3, connections
+            done = threading.Event()
+            answers: list[int | str] = []
+
+            def load(k: int) -> None:
+                i = 0
+                while not done.is_set():
+                    i += 1
+                    try:
+                        r = http("GET", f"{url}/items/{k}-{i}")
+                        right = {"path": f"/items/{k}-{i}", "id": {"id": f"{k}-{i}"}}
+                        answers.append(r.status if r.status != 200 or r.json() == right else "wrong body")
+                    except Exception as err:  # noqa: BLE001 - a reset or refused connection is a failure too
+                        answers.append(repr(err))
+
+            threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(4)]
+            for t in threads:
+                t.start()
+            # The control plane checks every 5 s; keep the load up until Envoy has seen three replacements.
+            ports: list[set[str]] = []
+            pids = set(_extproc_children()) - before
+            deadline = time.monotonic() + 90
+            try:
+                while time.monotonic() < deadline and len(set().union(*ports)) < 4:
+                    now = set(_streams_per_worker(envoy))
+                    if now and (not ports or now != ports[-1]):
+                        ports.append(now)
+                    pids |= _extproc_children() - before
+                    time.sleep(0.1)
+                time.sleep(1)  # load on the newest worker too
+            finally:
+                done.set()
+                for t in threads:
+                    t.join(15)
+            failed = [a for a in answers if a != 200]
+            assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:10]}"
+            seen = set().union(*ports)
+            assert len(seen) >= 4, ports  # three replacements, each on a port of its own
+            assert all(len(p) == 1 for p in ports), ports  # one worker: Envoy never balances onto two
+
+            # The old workers exit once Envoy has moved off them; only the newest is left.
+            def only_the_newest() -> set[int] | None:
+                left = _extproc_children() - before
+                return left if len(left) == 1 else None
+
+            alive = wait_until(only_the_newest, timeout=30, what="the old workers to exit")
+            assert len(pids) >= 4 and alive < pids, (pids, alive)
     finally:
         loop_thread.close()

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
 import yaml
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from harness import LoopThread, control_plane, free_port, wait_until
 from test_extproc import CONFIG, attrs, headers
 
 from controlplane.extproc.workers import ExtProcWorkers
 from controlplane.model import parse_document, resolve
 from controlplane.model.routes import RouteTarget
-from controlplane.translate.envoy import TranslateOptions, translate
+from controlplane.translate.envoy import EXTPROC_CLUSTER, TranslateOptions, translate
+from controlplane.xds.cache import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, Snapshot
 
 
 def _route_table() -> tuple[dict[str, RouteTarget], str]:
@@ -87,25 +93,208 @@ def test_a_worker_that_cannot_start_fails_the_start() -> None:
     asyncio.run(scenario())
 
 
-def test_a_worn_worker_is_replaced_on_the_same_port_with_every_table() -> None:
+def _serves(answer: pb.ProcessingResponse) -> bool:
+    return bool(answer.request_headers.response.header_mutation.set_headers)
+
+
+async def _refused(port: int, route_name: str) -> bool:
+    try:
+        await asyncio.wait_for(_one_request(port, route_name), 10)
+    except grpc.aio.AioRpcError as err:
+        return err.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def test_a_worn_worker_is_replaced_on_a_new_port_and_the_old_one_serves_until_retired() -> None:
     async def scenario() -> None:
         workers = ExtProcWorkers(1, recycle_after=3)
         try:
             (port,) = await workers.start()
             table, version = _route_table()
-            (name,) = table
+            ((name, target),) = table.items()
+            # Two generations an Envoy still routes with: a replacement must get both.
             await workers.update(table, version, default_chain=False)
-            first_pid = workers._procs[0].pid
+            await workers.retain({version})  # an Envoy holds it
+            await workers.update(
+                {"renamed": replace(target, route_name="renamed")}, "v2", default_chain=False
+            )
+            await workers.retain({version, "v2"})
+            first = workers._procs[0]
             assert await workers.recycle_worn() == 0  # not worn yet
             for _ in range(3):
                 await _one_request(port, name)
             assert await workers.recycle_worn() == 1
-            assert workers.ports == [port] and workers._procs[0].pid != first_pid
-            # The newcomer serves the same routes on the same port.
-            answer = await _one_request(port, name)
-            assert answer.request_headers.response.header_mutation.set_headers
-            assert await workers.recycle_worn() == 0  # its count starts again
+            (new_port,) = workers.ports
+            assert new_port != port and workers.retiring == [port]
+            assert workers._procs[0].pid != first.pid
+            for route in (name, "renamed"):
+                assert _serves(await _one_request(new_port, route)), route
+            # The old worker serves on (Envoy may still send it streams) and still gets every change.
+            await workers.update({"third": replace(target, route_name="third")}, "v3", default_chain=False)
+            await workers.retain({version, "v2", "v3"})
+            for p in (port, new_port):
+                for route in (name, "renamed", "third"):
+                    assert _serves(await _one_request(p, route)), (p, route)
+            assert first.is_alive()
+            # Told to retire, it goes: its process ends and its port refuses.
+            assert await workers.retire() == 1
+            assert not first.is_alive() and workers.retiring == []
+            assert await _refused(port, name)
+            assert _serves(await _one_request(new_port, name))
         finally:
             await workers.stop()
 
     asyncio.run(scenario())
+
+
+def test_stop_ends_retiring_workers_too() -> None:
+    async def scenario() -> None:
+        workers = ExtProcWorkers(1, recycle_after=1)
+        try:
+            (port,) = await workers.start()
+            table, version = _route_table()
+            (name,) = table
+            await workers.update(table, version, default_chain=False)
+            await _one_request(port, name)
+            old = workers._procs[0]
+            assert await workers.recycle_worn() == 1
+            new = workers._procs[0]
+        finally:
+            await workers.stop()
+        assert not old.is_alive() and not new.is_alive()
+        assert workers.ports == [] and workers.retiring == []
+
+    asyncio.run(scenario())
+
+
+def test_after_the_first_table_workers_are_sent_only_what_changed() -> None:
+    async def scenario() -> None:
+        workers = ExtProcWorkers(2)
+        sent: list[tuple[object, ...]] = []
+        real = workers._all
+
+        async def spy(message: tuple[object, ...], what: str) -> bool:
+            sent.append(message)
+            return await real(message, what)
+
+        workers._all = spy  # type: ignore[method-assign]
+        try:
+            ports = await workers.start()
+            table, version = _route_table()
+            ((name, target),) = table.items()
+            await workers.update(table, version, default_chain=False)
+            assert [m[0] for m in sent] == ["update"]
+            # The same table again (the very same targets), same version: nothing to send.
+            await workers.update(dict(table), version, default_chain=False)
+            assert len(sent) == 1
+            # An equal target that is another object is sent (RouteTarget's equality leaves param_functions out).
+            table = {name: replace(target)}
+            await workers.update(table, version, default_chain=False)
+            assert len(sent) == 2 and sent[-1][0] == "delta" and list(sent[-1][1]) == [name]
+            # A change: only the new entry and the removed name travel; every worker rebuilds the whole table.
+            second = {
+                "added": replace(target, route_name="added"),
+                "kept": replace(target, route_name="kept"),
+            }
+            await workers.update({**table, **second}, "v2", default_chain=False)
+            await workers.update(second, "v3", default_chain=False)
+            kinds = [(m[0], sorted(m[1]), sorted(m[2])) for m in sent[2:]]
+            assert kinds == [("delta", ["added", "kept"], []), ("delta", [], [name])]
+            for port in ports:
+                assert _serves(await _one_request(port, "added"))
+                assert _serves(await _one_request(port, "kept"))
+                assert (await _one_request(port, name)).immediate_response.status.code == 502
+            # A changed target (new credentials, say) under the same version is sent too.
+            moved = replace(second["kept"], region="eu-west-1")
+            await workers.update({**second, "kept": moved}, "v3", default_chain=False)
+            assert sent[-1][0] == "delta" and sent[-1][1] == {"kept": moved}
+        finally:
+            await workers.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_control_plane_moves_envoy_to_a_replacement_over_eds_and_sends_the_workers_nothing(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    (tmp_path / "api.yaml").write_text(CONFIG)
+    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
+        workers = cp.workers
+        before = cp.cache.snapshot
+        (port,) = workers.ports
+        # The ext_proc cluster's endpoints come over EDS: a new port is a new membership, not a new cluster.
+        assert before.resources[CLUSTER_TYPE][EXTPROC_CLUSTER].type == cluster_pb2.Cluster.EDS
+        assert _endpoint_ports(before) == [port]
+        sent: list[str] = []
+        real = workers._all
+
+        async def spy(message: tuple[object, ...], what: str) -> bool:
+            sent.append(str(message[0]))
+            return await real(message, what)
+
+        workers._all = spy
+        workers.recycle_after = 1
+        (name,) = cp.translation.route_table
+        loop_thread.run(_one_request(port, name))
+        old = workers._procs[0]
+        assert loop_thread.run(workers.recycle_worn()) == 1
+        (new_port,) = workers.ports
+        # No Envoy connected: nothing to wait for. The old worker is stopped once the new port is published.
+        loop_thread.run(cp._retire_workers(ack_timeout_s=5, settle_s=0))
+        after = cp.cache.snapshot
+        assert _endpoint_ports(after) == [new_port] and new_port != port
+        for type_url in (CLUSTER_TYPE, ROUTE_TYPE):  # only the endpoints changed
+            assert after.versions[type_url] == before.versions[type_url], type_url
+        assert after.versions[ENDPOINT_TYPE] != before.versions[ENDPOINT_TYPE]
+        assert "update" not in sent and "delta" not in sent, sent  # the same route table: not sent again
+        assert not old.is_alive() and workers.retiring == []
+        assert _serves(loop_thread.run(_one_request(new_port, name)))
+
+
+def _endpoint_ports(snapshot: Snapshot) -> list[int]:
+    assignment = snapshot.resources[ENDPOINT_TYPE][EXTPROC_CLUSTER]
+    return [lb.endpoint.address.socket_address.port_value for lb in assignment.endpoints[0].lb_endpoints]
+
+
+def test_the_old_worker_stops_only_once_every_envoy_acked_the_new_endpoints(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    from test_ads import FakeEnvoy
+
+    (tmp_path / "api.yaml").write_text(CONFIG)
+    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
+        workers = cp.workers
+        workers.recycle_after = 1
+        (name,) = cp.translation.route_table
+        envoy = FakeEnvoy(cp.port)
+        try:
+            envoy.send(ENDPOINT_TYPE, names=[EXTPROC_CLUSTER])
+            first = envoy.recv()
+            envoy.send(ENDPOINT_TYPE, version=first.version_info, nonce=first.nonce, names=[EXTPROC_CLUSTER])
+            wait_until(lambda: cp.ads.nodes["fake-envoy"].acked.get(ENDPOINT_TYPE) == first.version_info)
+
+            loop_thread.run(_one_request(workers.ports[0], name))
+            old = workers._procs[0]
+            assert loop_thread.run(workers.recycle_worn()) == 1
+            retiring = loop_thread.spawn(cp._retire_workers(ack_timeout_s=30, settle_s=0))
+            pushed = envoy.recv()
+            assignment = endpoint_pb2.ClusterLoadAssignment.FromString(pushed.resources[0].value)
+            (lb,) = assignment.endpoints[0].lb_endpoints
+            assert lb.endpoint.address.socket_address.port_value == workers.ports[0]
+            # Envoy has the new port but has not ACKed it: the old worker still serves.
+            assert not retiring.done() and old.is_alive()
+            envoy.send(
+                ENDPOINT_TYPE, version=pushed.version_info, nonce=pushed.nonce, names=[EXTPROC_CLUSTER]
+            )
+            retiring.result(30)
+            assert not old.is_alive() and workers.retiring == []
+
+            # An Envoy that never ACKs does not keep a worn worker alive: it goes when the wait times out.
+            loop_thread.run(_one_request(workers.ports[0], name))
+            old = workers._procs[0]
+            assert loop_thread.run(workers.recycle_worn()) == 1
+            loop_thread.run(cp._retire_workers(ack_timeout_s=0.5, settle_s=0))
+            assert envoy.recv().version_info != pushed.version_info
+            assert not old.is_alive() and workers.retiring == []
+        finally:
+            envoy.close()
