@@ -34,7 +34,7 @@ from controlplane.translate.envoy import (
     TranslateOptions,
     Translation,
     Translator,
-    _one_endpoint,
+    one_endpoint,
 )
 from controlplane.warm import KeepWarm, needs_default_chain
 from controlplane.xds.cache import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE, Snapshot, SnapshotCache
@@ -359,7 +359,7 @@ def _extproc_endpoints_over_eds(resources: dict[str, dict[str, Any]], host: str,
         )
     )
     resources[CLUSTER_TYPE] = {**clusters, EXTPROC_CLUSTER: cluster}
-    resources[ENDPOINT_TYPE] = {EXTPROC_CLUSTER: _one_endpoint(EXTPROC_CLUSTER, host, *ports)}
+    resources[ENDPOINT_TYPE] = {EXTPROC_CLUSTER: one_endpoint(EXTPROC_CLUSTER, host, *ports)}
 
 
 def _extproc_ports(snapshot: Snapshot | None) -> tuple[set[int], str]:

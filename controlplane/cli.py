@@ -331,7 +331,8 @@ def _add_workers_arg(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=50_000,
         metavar="STREAMS",
-        help="replace a worker process after this many requests, on the same port (bounds memory; 0: never)",
+        help="replace a worker process after this many requests (bounds memory; 0: never): the new one gets a new "
+        "port, announced to Envoy over EDS, and the old one stops once every Envoy has ACKed it",
     )
 
 

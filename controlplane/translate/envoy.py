@@ -162,7 +162,7 @@ def _socket_address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
-def _one_endpoint(cluster: str, host: str, *ports: int) -> endpoint_pb2.ClusterLoadAssignment:
+def one_endpoint(cluster: str, host: str, *ports: int) -> endpoint_pb2.ClusterLoadAssignment:
     """One host, on one port or (ext_proc workers) several, balanced round robin."""
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster,
@@ -232,7 +232,7 @@ def lambda_cluster(ep: Endpoint, options: TranslateOptions, *, resign: bool = Fa
         type=cluster_pb2.Cluster.STATIC if is_ip(ep.host) else cluster_pb2.Cluster.LOGICAL_DNS,
         dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
         per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=BUFFER_LIMIT_BYTES),
-        load_assignment=_one_endpoint(name, ep.host, ep.port),
+        load_assignment=one_endpoint(name, ep.host, ep.port),
     )
     if ep.tls:
         tls = tls_pb2.UpstreamTlsContext(
@@ -275,7 +275,7 @@ def extproc_cluster(options: TranslateOptions) -> cluster_pb2.Cluster:
         name=EXTPROC_CLUSTER,
         connect_timeout=_duration(1),
         type=cluster_pb2.Cluster.STATIC if is_ip(options.extproc_host) else cluster_pb2.Cluster.STRICT_DNS,
-        load_assignment=_one_endpoint(
+        load_assignment=one_endpoint(
             EXTPROC_CLUSTER, options.extproc_host, *(options.extproc_ports or (options.extproc_port,))
         ),
     )

@@ -60,35 +60,36 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     async def wait_acked(self, versions: dict[str, str], timeout: float) -> bool:
         """Wait until some connected Envoy has ACKed every given type at the given version."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for node in self.nodes.values():
-                if node.connected and all(node.acked.get(t) == v for t, v in versions.items()):
-                    return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            event = self._acked
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
-                return False
+
+        def some_node() -> bool:
+            return any(
+                node.connected and all(node.acked.get(t) == v for t, v in versions.items())
+                for node in self.nodes.values()
+            )
+
+        return await self._wait_for(some_node, timeout)
 
     async def wait_all_acked(self, type_url: str, timeout: float, version: str | None = None) -> bool:
         """Wait until every connected Envoy has ACKed `type_url` at `version` (None: whatever version the current
         snapshot has, followed as it changes). True at once when no Envoy is connected; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def every_stream() -> bool:
             want = version
             if want is None:
                 snapshot = self.cache.snapshot
                 want = snapshot.versions.get(type_url) if snapshot is not None else None
             # Per stream, not per node: a stream that has not ACKed the type yet (just connected) is waited for.
-            if want is None or all(
+            return want is None or all(
                 (st := states.get(type_url)) is not None and st.acked_version == want
                 for states in self._streams.values()
-            ):
-                return True
+            )
+
+        return await self._wait_for(every_stream, timeout)
+
+    async def _wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Re-check `done` after every ACK (and every disconnect) until it holds; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -97,6 +98,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 await asyncio.wait_for(event.wait(), remaining)
             except asyncio.TimeoutError:
                 return False
+        return True
 
     def versions_in_use(self, type_url: str) -> set[str]:
         """Versions of a type that some connected Envoy holds or is being sent: still routable there."""
