@@ -612,11 +612,11 @@ def bench_proxy(procs: Procs, fast_port: int, duration: int, warmup: int) -> Pat
         procs.stop(envoy)
 
 
-def bench_noop(procs: Procs, fast_port: int, duration: int, warmup: int) -> PathResult:
+def bench_noop(procs: Procs, fast_port: int, duration: int, warmup: int, mode: str = "aio") -> PathResult:
     port, admin, extproc_port = free_port(), free_port(), free_port()
     noop = procs.start(
         "noop-extproc",
-        [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(extproc_port)],
+        [sys.executable, str(Path(__file__).with_name("noop_extproc.py")), str(extproc_port), mode],
         clean_env(),
     )
     envoy = start_envoy(
@@ -841,6 +841,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N,N,...",
         help="also run path (c) with this many ext_proc worker processes each (e.g. 1,2,4): the worker curve",
     )
+    p.add_argument(
+        "--noop-server",
+        choices=["aio", "sync"],
+        default="aio",
+        help="path (d)'s do-nothing processor: grpc.aio (default, as lambdagate) or grpcio's synchronous server",
+    )
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed; install it with: apt-get install wrk", file=sys.stderr)
@@ -866,9 +872,12 @@ def main(argv: list[str] | None = None) -> int:
         procs = Procs(workdir)
         try:
             fast_port = start_fast_lambda(procs)
-            runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate, "d": bench_noop}
+            runners = {"a": bench_proxy, "b": bench_native, "c": bench_lambdagate}
             for key in keys:
-                results[key] = runners[key](procs, fast_port, duration, warmup)
+                if key == "d":
+                    results[key] = bench_noop(procs, fast_port, duration, warmup, args.noop_server)
+                else:
+                    results[key] = runners[key](procs, fast_port, duration, warmup)
             for n in [int(x) for x in args.workers.split(",") if x.strip()]:
                 curve[n] = bench_lambdagate(procs, fast_port, duration, warmup, workers=n)
         except BenchError as err:

@@ -3,7 +3,8 @@
 `python benchmarks/soak.py [--minutes 10] [--connections 4] [--workers 0] [--recycle-after N]` starts the same
 stand-in Lambda endpoint, `lambdagate serve` and Envoy as benchmarks/run.py's path (c), runs wrk for the whole
 time, samples the resident memory of the control plane (and its ext_proc workers) every few seconds, and prints
-the RSS at the start of the load (after a warm-up minute), at the end and at its peak, with the change in percent,
+the RSS at the start of the load (after a warm-up minute) and at the end (medians of the first and last minute),
+its peak, the change in percent,
 and wrk's count of non-2xx answers (with workers, `--recycle-after` makes their replacements frequent).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -42,6 +44,16 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def window_medians(samples: list[tuple[float, float]], window_s: float) -> tuple[float, float, float]:
+    """The median RSS of the first and of the last `window_s` seconds of samples (at most a quarter of the run
+    each, at least one sample each), and the window used."""
+    first_t, last_t = samples[0][0], samples[-1][0]
+    span = min(window_s, (last_t - first_t) / 4)
+    head = [m for t, m in samples if t <= first_t + span] or [samples[0][1]]
+    tail = [m for t, m in samples if t >= last_t - span] or [samples[-1][1]]
+    return statistics.median(head), statistics.median(tail), span
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--minutes", type=float, default=10.0, help="length of the measured load (default 10)")
@@ -51,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=4, help="wrk connections (default 4)")
     p.add_argument("--workers", type=int, default=0, help="ext_proc worker processes (default 0: in-process)")
     p.add_argument("--every", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument(
+        "--window",
+        type=float,
+        default=60.0,
+        help="start and end are the median RSS of the first and last this many seconds of the measured load "
+        "(a sample taken while a worker is being replaced, when two are alive, does not decide them)",
+    )
     p.add_argument(
         "--recycle-after",
         type=int,
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print("too few samples; is wrk installed and did the load run?", file=sys.stderr)
         print(out)
         return 1
-    start, end = counted[0][1], counted[-1][1]
+    start, end, span = window_medians(counted, args.window)
     peak = max(m for _, m in counted)
     change = 100 * (end - start) / start
     rps = next((line.split()[1] for line in out.splitlines() if line.startswith("Requests/sec:")), "?")
@@ -108,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         f"workers: {args.workers}{recycle}; machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
     )
     print()
-    print("| control plane RSS (MB) | at start of the measured load | at the end | peak | change |")
+    print(
+        f"| control plane RSS (MB) | start (median of the first {span:.0f} s) | end (median of the last "
+        f"{span:.0f} s) | peak | change |"
+    )
     print("|---|---:|---:|---:|---:|")
     print(
         f"| lambdagate{' + workers' if args.workers else ''} | {start:.1f} | {end:.1f} | {peak:.1f} | {change:+.1f}% |"

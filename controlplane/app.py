@@ -134,9 +134,9 @@ class ControlPlane:
             hook(result)
         options = self.settings.translate
         if self.workers is not None:
-            # The workers' ports reach Envoy over EDS (see _extproc_endpoints_over_eds): the translation keeps
+            # The workers' current ports are set after translation (see _extproc_endpoints): the translation keeps
             # the first ports, so replacing a worker leaves it (and the route table the workers hold) unchanged.
-            if self._translated_ports is None or not is_ip(self.workers.host):
+            if self._translated_ports is None:
                 self._translated_ports = tuple(self.workers.ports)
             options = replace(options, extproc_host=self.workers.host, extproc_ports=self._translated_ports)
         elif options.extproc_port == 0:
@@ -156,7 +156,7 @@ class ControlPlane:
         started = time.perf_counter()
         resources = translation.resources()
         if self.workers is not None:
-            _extproc_endpoints_over_eds(resources, self.workers.host, self.workers.ports)
+            _extproc_endpoints(resources, self.workers.host, self.workers.ports)
         try:
             snapshot = Snapshot.build(
                 resources, serialized=translation.serialized, previous=self.cache.snapshot
@@ -284,40 +284,58 @@ class ControlPlane:
     async def _retire_workers(self, ack_timeout_s: float, settle_s: float) -> None:
         """Move Envoy off the replaced workers' ports, then stop them. Lossless: the ext_proc cluster's endpoints
         come over EDS, so a new port only changes its membership; Envoy drains its connections to the removed
-        host (streams in flight finish) and opens new streams on the new port."""
+        host (streams in flight finish) and opens new streams on the new port. Until Envoy has been sent the new
+        ports, the replaced workers keep serving, and this is tried again at the next round."""
         assert self.workers is not None
         retiring = self.workers.retiring
         try:
-            if self.last is not None:
-                # The ext_proc endpoints (EDS) now list the new ports. Nothing else changes: the translation is
-                # reused, and the workers, whose route table is the very same, are sent nothing.
-                await self.apply(self.last)
-            snapshot = self.cache.snapshot
-            listed, type_url = _extproc_ports(snapshot)
-            still = listed & set(retiring)
-            if still:
-                log.warning(
-                    "ext_proc workers: the configuration still lists retiring port(s) %s; stopping them anyway",
-                    sorted(still),
-                )
-            elif snapshot is not None:
-                if await self.ads.wait_all_acked(type_url, ack_timeout_s):
-                    # Envoy's main thread ACKs, then hands the new membership to its worker threads.
-                    await asyncio.sleep(settle_s)
-                else:
-                    log.warning(
-                        "ext_proc workers: not every Envoy ACKed the ext_proc endpoints without port(s) %s within "
-                        "%.0f s; stopping them anyway",
-                        retiring,
-                        ack_timeout_s,
-                    )
-        except Exception as err:  # noqa: BLE001 - the old workers must go all the same, never leak
+            published = await self._publish_worker_ports()
+        except Exception as err:  # noqa: BLE001 - a bug here must not stop recycling; the old workers serve on
+            log.warning("ext_proc workers: publishing their new port(s) failed (%s); trying again later", err)
+            return
+        if published is None:
             log.warning(
-                "ext_proc workers: moving Envoy off port(s) %s failed (%s); stopping them anyway",
+                "ext_proc workers: Envoy's configuration still lists port(s) %s; they keep serving, trying again "
+                "later",
                 retiring,
-                err,
+            )
+            return
+        if published == "":
+            pass  # no configuration lists ext_proc yet: no Envoy can be using the old ports
+        elif await self.ads.wait_all_acked(published, ack_timeout_s):
+            # Envoy's main thread ACKs, then hands the new membership to its worker threads.
+            await asyncio.sleep(settle_s)
+        else:
+            log.warning(
+                "ext_proc workers: not every Envoy ACKed the ext_proc endpoints without port(s) %s within %.0f s; "
+                "stopping them anyway",
+                retiring,
+                ack_timeout_s,
             )
         await self.workers.retire()
+
+    async def _publish_worker_ports(self) -> str | None:
+        """Give Envoy the workers' current ports: the snapshot Envoy has, with only the ext_proc endpoints changed
+        (nothing is translated again, and the workers are sent nothing). Returns the type whose ACK says Envoy
+        has them; "" when no snapshot lists the ext_proc cluster (nothing to wait for); None when the snapshot
+        would still list a retiring port (a bug: the retiring workers must then stay)."""
+        assert self.workers is not None
+        async with self._applying:
+            current = self.cache.snapshot
+            if current is None:
+                return ""
+            resources = {t: dict(by_name) for t, by_name in current.resources.items()}
+            _extproc_endpoints(resources, self.workers.host, self.workers.ports)
+            snapshot = Snapshot.build(resources, previous=current)
+            listed, type_url = _extproc_ports(snapshot)
+            if not listed:
+                return ""
+            if listed & set(self.workers.retiring):
+                return None
+            if snapshot.versions != current.versions:
+                self.cache.set_snapshot(snapshot)
+                log.info("ext_proc workers: Envoy sent their ports %s", self.workers.ports)
+            return type_url
 
     async def _retain_workers(self) -> None:
         assert self.workers is not None
@@ -337,29 +355,37 @@ class ControlPlane:
             self._tasks.append(self._chain_task)
 
 
-def _extproc_endpoints_over_eds(resources: dict[str, dict[str, Any]], host: str, ports: list[int]) -> None:
-    """With worker processes, Envoy learns the ext_proc cluster's endpoints over EDS (ADS), not from a STATIC
-    cluster: a worker replaced on a new port then changes only the cluster's membership, and Envoy drains the
-    removed host (its streams in flight finish). A changed STATIC cluster is a new cluster to Envoy, and replacing
-    the old one resets every ext_proc stream in flight on it (the thread-local cluster's async client resets its
-    streams when destroyed): measured, 9 and 12 requests answered 500 in 8,000-11,000 across 4 replacements.
-    EDS endpoints must be IP addresses: a DNS name keeps its STRICT_DNS cluster (and that loss). The endpoints are
-    the workers' current ports (the translated cluster may list earlier ones)."""
+def _extproc_endpoints(resources: dict[str, dict[str, Any]], host: str, ports: list[int]) -> None:
+    """Point the ext_proc cluster at the workers' current ports (the translation may list earlier ones).
+
+    Over EDS (ADS) when the host is an IP address, as is the case unless `--grpc-address` names a host: a worker
+    replaced on a new port then changes only the cluster's membership, and Envoy drains the removed host (its
+    streams in flight finish). A changed STATIC cluster is a new cluster to Envoy, and replacing the old one resets
+    every ext_proc stream in flight on it (the thread-local cluster's async client resets its streams when
+    destroyed): measured, 9 and 12 requests answered 500 in 8,000-11,000 across 4 replacements. EDS endpoints must
+    be IP addresses, so a host name keeps its STRICT_DNS cluster, with the ports in it (and that loss)."""
     clusters = resources.get(CLUSTER_TYPE, {})
-    static = clusters.get(EXTPROC_CLUSTER)
-    if static is None or static.type != cluster_pb2.Cluster.STATIC:
+    translated = clusters.get(EXTPROC_CLUSTER)
+    if translated is None:
+        return
+    assignment = one_endpoint(EXTPROC_CLUSTER, host, *ports)
+    if translated.type == cluster_pb2.Cluster.EDS:  # already converted (a snapshot being re-published)
+        resources[ENDPOINT_TYPE] = {**resources.get(ENDPOINT_TYPE, {}), EXTPROC_CLUSTER: assignment}
         return
     cluster = cluster_pb2.Cluster()
-    cluster.CopyFrom(static)
-    cluster.ClearField("load_assignment")
-    cluster.type = cluster_pb2.Cluster.EDS
-    cluster.eds_cluster_config.eds_config.CopyFrom(
-        config_source_pb2.ConfigSource(
-            ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    cluster.CopyFrom(translated)
+    if translated.type == cluster_pb2.Cluster.STATIC and is_ip(host):
+        cluster.ClearField("load_assignment")
+        cluster.type = cluster_pb2.Cluster.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(
+            config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+            )
         )
-    )
+        resources[ENDPOINT_TYPE] = {**resources.get(ENDPOINT_TYPE, {}), EXTPROC_CLUSTER: assignment}
+    else:
+        cluster.load_assignment.CopyFrom(assignment)
     resources[CLUSTER_TYPE] = {**clusters, EXTPROC_CLUSTER: cluster}
-    resources[ENDPOINT_TYPE] = {EXTPROC_CLUSTER: one_endpoint(EXTPROC_CLUSTER, host, *ports)}
 
 
 def _extproc_ports(snapshot: Snapshot | None) -> tuple[set[int], str]:

@@ -15,10 +15,12 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane.model.resources import MAX_TIMEOUT_S
 from controlplane.model.routes import RouteTarget
 
 log = logging.getLogger("lambdagate.extproc.workers")
@@ -26,6 +28,11 @@ log = logging.getLogger("lambdagate.extproc.workers")
 # How long the control plane waits for a worker to start or to install a route table.
 START_TIMEOUT_S = 30.0
 UPDATE_TIMEOUT_S = 30.0
+# How long a stopping worker lets its streams in flight finish. Envoy has moved off a retired worker's port before
+# it is stopped, so only requests already under way are left: at most Lambda's own limit on a run (the longest
+# route timeout there can be) and the response phases. A worker with nothing in flight exits at once.
+RETIRE_GRACE_S = MAX_TIMEOUT_S + 15.0
+SHUTDOWN_GRACE_S = 5.0
 
 
 class WorkerError(RuntimeError):
@@ -67,6 +74,9 @@ class ExtProcWorkers:
         self._procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[multiprocessing.connection.Connection] = []
         self._lock = asyncio.Lock()
+        # Every message carries a number its reply echoes: a reply that comes after its wait timed out is
+        # recognised and dropped, never read as the answer to the next message.
+        self._seq = 0
         # What a replacement worker must be given: the tables of every version still in use, oldest first.
         self._tables: dict[str, dict[str, RouteTarget]] = {}
         self._current = ""
@@ -104,12 +114,11 @@ class ExtProcWorkers:
         proc.start()
         child.close()
         try:
-            kind, got = await self._recv(parent, START_TIMEOUT_S, f"worker {index} to start")
+            kind, got = await self._recv(parent, START_TIMEOUT_S, f"worker {index} to start", 0)
             if kind != "port":
                 raise WorkerError(f"worker {index} failed to start: {got}")
         except BaseException:
-            proc.kill()
-            parent.close()
+            await self._kill(proc, parent)
             raise
         return proc, parent, got
 
@@ -134,7 +143,7 @@ class ExtProcWorkers:
                 removed = [k for k in base if k not in table]
                 if not changed and not removed and version == self._current and chain == self._default_chain:
                     return  # the workers have this very table (a re-apply that only moved their ports, say)
-                message = ("delta", changed, removed, version, chain)
+                message = ("delta", changed, removed, self._current, version, chain)
             else:
                 message = ("update", table, version, chain)
             self._tables[version] = table
@@ -158,13 +167,17 @@ class ExtProcWorkers:
             return 0
         replaced = 0
         async with self._lock:
-            for i, conn in enumerate(list(self._conns)):
-                await asyncio.to_thread(conn.send, ("stats",))
-                kind, streams = await self._recv(conn, UPDATE_TIMEOUT_S, f"worker {i} to count its streams")
-                if kind == "ok" and streams >= self.recycle_after:
-                    await self._replace(i)
-                    replaced += 1
-        self.recycled += replaced
+            try:
+                for i, conn in enumerate(list(self._conns)):
+                    seq = await self._send(conn, ("stats",))
+                    kind, streams = await self._recv(
+                        conn, UPDATE_TIMEOUT_S, f"worker {i} to count its streams", seq
+                    )
+                    if kind == "ok" and streams >= self.recycle_after:
+                        await self._replace(i)
+                        replaced += 1
+            finally:
+                self.recycled += replaced
         return replaced
 
     async def _replace(self, i: int) -> None:
@@ -178,13 +191,14 @@ class ExtProcWorkers:
                 if version in self._tables:
                     messages.append(("update", self._tables[version], version, self._default_chain))
             for message in messages:
-                await asyncio.to_thread(conn.send, message)
-                kind, detail = await self._recv(conn, UPDATE_TIMEOUT_S, f"new worker {i} to install routes")
+                seq = await self._send(conn, message)
+                kind, detail = await self._recv(
+                    conn, UPDATE_TIMEOUT_S, f"new worker {i} to install routes", seq
+                )
                 if kind != "ok":
                     raise WorkerError(f"new worker {i} could not install routes: {detail}")
         except BaseException:
-            proc.kill()
-            conn.close()
+            await self._kill(proc, conn)
             raise
         self._retiring.append(_Retiring(i, self.ports[i], self._procs[i], self._conns[i]))
         self._procs[i], self._conns[i], self.ports[i] = proc, conn, port
@@ -196,16 +210,17 @@ class ExtProcWorkers:
             self._retiring[-1].port,
         )
 
-    async def retire(self) -> int:
-        """Stop the replaced workers (gracefully: their streams in flight finish); returns how many."""
+    async def retire(self, grace_s: float = RETIRE_GRACE_S) -> int:
+        """Stop the replaced workers; returns how many. Gracefully: each one's streams in flight finish (for up to
+        `grace_s`) and it exits as soon as it has none; this returns once they have exited."""
         async with self._lock:
             leaving, self._retiring = self._retiring, []
             self._leaving.extend(leaving)
             for r in leaving:
                 with contextlib.suppress(OSError):
-                    r.conn.send(("stop",))
+                    await self._send(r.conn, ("stop", grace_s))
         for r in leaving:
-            await self._end(r.proc, 10.0)
+            await self._end(r.proc, grace_s + 10.0)
             r.conn.close()
             self._leaving.remove(r)
             log.info("ext_proc worker %d retired (port %d)", r.index, r.port)
@@ -218,25 +233,46 @@ class ExtProcWorkers:
             proc.kill()
             await asyncio.to_thread(proc.join, 5.0)
 
+    @staticmethod
+    async def _kill(
+        proc: multiprocessing.process.BaseProcess, conn: multiprocessing.connection.Connection
+    ) -> None:
+        """A worker that failed to start or to take its tables: no grace, and reaped (no zombie left)."""
+        proc.kill()
+        conn.close()
+        await asyncio.to_thread(proc.join, 5.0)
+
+    async def _send(self, conn: multiprocessing.connection.Connection, message: tuple[Any, ...]) -> int:
+        self._seq += 1
+        await asyncio.to_thread(conn.send, (self._seq, *message))
+        return self._seq
+
     async def _all(self, message: tuple[Any, ...], what: str) -> bool:
         """Send to every worker and wait for all; raises if a current worker fails. Retiring workers get it too
         (Envoy may still send them streams until it has the new ports), but one of them failing only warns (it is
         about to go): returns False then."""
         retiring = list(self._retiring)
-        for conn in self._conns:
-            await asyncio.to_thread(conn.send, message)
+        seqs = [await self._send(conn, message) for conn in self._conns]
+        sent: list[tuple[_Retiring, int]] = []
         for r in retiring:
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(r.conn.send, message)
-        for i, conn in enumerate(self._conns):
-            kind, detail = await self._recv(conn, UPDATE_TIMEOUT_S, f"worker {i} to {what}")
+                sent.append((r, await self._send(r.conn, message)))
+        # Every current worker's reply is read even when one fails, so none is left unread on its pipe.
+        failures = []
+        for i, (conn, seq) in enumerate(zip(self._conns, seqs, strict=True)):
+            try:
+                kind, detail = await self._recv(conn, UPDATE_TIMEOUT_S, f"worker {i} to {what}", seq)
+            except WorkerError as err:
+                kind, detail = "error", str(err)
             if kind != "ok":
-                raise WorkerError(f"worker {i} could not {what}: {detail}")
-        every = True
-        for r in retiring:
+                failures.append(f"worker {i} could not {what}: {detail}")
+        if failures:
+            raise WorkerError("; ".join(failures))
+        every = len(sent) == len(retiring)
+        for r, seq in sent:
             try:
                 kind, detail = await self._recv(
-                    r.conn, UPDATE_TIMEOUT_S, f"retiring worker {r.index} to {what}"
+                    r.conn, UPDATE_TIMEOUT_S, f"retiring worker {r.index} to {what}", seq
                 )
             except WorkerError as err:
                 kind, detail = "error", str(err)
@@ -247,11 +283,21 @@ class ExtProcWorkers:
                 )
         return every
 
-    async def _recv(self, conn: multiprocessing.connection.Connection, timeout: float, what: str) -> Any:
-        def wait() -> Any:
-            if not conn.poll(timeout):
-                raise WorkerError(f"timed out waiting for {what}")
-            return conn.recv()
+    async def _recv(
+        self, conn: multiprocessing.connection.Connection, timeout: float, what: str, seq: int
+    ) -> tuple[str, Any]:
+        """The reply to message `seq`: (kind, detail). Replies to earlier messages (whose wait timed out) are
+        dropped."""
+
+        def wait() -> tuple[str, Any]:
+            deadline = time.monotonic() + timeout
+            while True:
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise WorkerError(f"timed out waiting for {what}")
+                got, kind, detail = conn.recv()
+                if got == seq:
+                    return kind, detail
+                log.warning("dropped a late reply from an ext_proc worker (to message %d): %s", got, kind)
 
         try:
             return await asyncio.to_thread(wait)
@@ -265,9 +311,9 @@ class ExtProcWorkers:
         conns = [*self._conns, *(r.conn for r in others)]
         for conn in conns:
             with contextlib.suppress(OSError):
-                conn.send(("stop",))
+                await self._send(conn, ("stop", SHUTDOWN_GRACE_S))
         for proc in procs:
-            await self._end(proc, 5.0)
+            await self._end(proc, SHUTDOWN_GRACE_S + 5.0)
         for conn in conns:
             conn.close()
         self._procs, self._conns, self.ports = [], [], []
@@ -304,26 +350,33 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
         port = server.add_insecure_port(f"{host}:{port}")
         await server.start()
     except Exception as err:  # noqa: BLE001 - told to the parent, which fails its start
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        conn.send((0, "error", f"{type(err).__name__}: {err}"))
         return
-    conn.send(("port", port))
+    conn.send((0, "port", port))
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     chain_started = False
-    # The last table installed: a "delta" message is applied to it.
+    # The last table installed, and its version: a "delta" message is applied to it.
     last: dict[str, RouteTarget] = {}
+    last_version: str | None = None
+    grace_s = SHUTDOWN_GRACE_S
     try:
         while True:
-            message = await asyncio.to_thread(conn.recv)
-            kind = message[0]
+            seq, kind, *message = await asyncio.to_thread(conn.recv)
             if kind == "stop":
+                grace_s = message[0]
                 break
             try:
                 if kind in ("update", "delta"):
                     if kind == "update":
-                        _, targets, version, needs_chain = message
+                        targets, version, needs_chain = message
                     else:
-                        _, changed, removed, version, needs_chain = message
+                        changed, removed, base, version, needs_chain = message
+                        if base != last_version:
+                            # Never patch a table other than the one the delta was made from.
+                            raise WorkerError(
+                                f"a change to route table {base} reached a worker holding {last_version}"
+                            )
                         targets = dict(last)
                         targets.update(changed)
                         for name in removed:
@@ -336,16 +389,16 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
                     if fresh is not None:
                         tasks.append(fresh)
                     routes.update(targets, version)
-                    last = targets
+                    last, last_version = targets, version
                 elif kind == "retain":
-                    routes.retain(message[1])
+                    routes.retain(message[0])
                 elif kind == "stats":
-                    conn.send(("ok", servicer.streams))
+                    conn.send((seq, "ok", servicer.streams))
                     continue
-                conn.send(("ok", None))
+                conn.send((seq, "ok", None))
             except Exception as err:  # noqa: BLE001 - the parent decides; the worker keeps its last table
                 log.exception("worker: %s failed", kind)
-                conn.send(("error", f"{type(err).__name__}: {err}"))
+                conn.send((seq, "error", f"{type(err).__name__}: {err}"))
     except (EOFError, OSError):
         pass  # the control plane went away: stop serving
     finally:
@@ -353,5 +406,6 @@ async def _serve(conn: multiprocessing.connection.Connection, host: str, port: i
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Graceful: streams in flight finish (a retiring worker is stopped once Envoy has moved to its replacement).
-        await server.stop(5.0)
+        # Graceful: streams in flight finish (a retiring worker is stopped once Envoy has moved to its replacement,
+        # so these are requests already under way, however long their function runs); then the process exits.
+        await server.stop(grace_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from harness import LoopThread, control_plane, free_port, wait_until
 from test_extproc import CONFIG, attrs, headers
 
-from controlplane.extproc.workers import ExtProcWorkers
+from controlplane.extproc.workers import ExtProcWorkers, WorkerError
 from controlplane.model import parse_document, resolve
 from controlplane.model.routes import RouteTarget
 from controlplane.translate.envoy import EXTPROC_CLUSTER, TranslateOptions, translate
@@ -274,15 +275,17 @@ def test_the_old_worker_stops_only_once_every_envoy_acked_the_new_endpoints(
             wait_until(lambda: cp.ads.nodes["fake-envoy"].acked.get(ENDPOINT_TYPE) == first.version_info)
 
             loop_thread.run(_one_request(workers.ports[0], name))
-            old = workers._procs[0]
+            old, old_port = workers._procs[0], workers.ports[0]
             assert loop_thread.run(workers.recycle_worn()) == 1
             retiring = loop_thread.spawn(cp._retire_workers(ack_timeout_s=30, settle_s=0))
             pushed = envoy.recv()
             assignment = endpoint_pb2.ClusterLoadAssignment.FromString(pushed.resources[0].value)
             (lb,) = assignment.endpoints[0].lb_endpoints
             assert lb.endpoint.address.socket_address.port_value == workers.ports[0]
-            # Envoy has the new port but has not ACKed it: the old worker still serves.
-            assert not retiring.done() and old.is_alive()
+            # Envoy has the new port but has not ACKed it: the old worker is kept (still retiring) and serves.
+            loop_thread.run(asyncio.sleep(0.5))
+            assert not retiring.done() and old.is_alive() and workers.retiring == [old_port]
+            assert _serves(loop_thread.run(_one_request(old_port, name)))
             envoy.send(
                 ENDPOINT_TYPE, version=pushed.version_info, nonce=pushed.nonce, names=[EXTPROC_CLUSTER]
             )
@@ -298,3 +301,108 @@ def test_the_old_worker_stops_only_once_every_envoy_acked_the_new_endpoints(
             assert not old.is_alive() and workers.retiring == []
         finally:
             envoy.close()
+
+
+def test_a_retirement_does_not_depend_on_the_configuration_translating_again(
+    loop_thread: LoopThread, tmp_path: Path
+) -> None:
+    """The new ports reach Envoy by changing only the endpoints of the snapshot it has: a configuration that
+    fails to translate at that moment cannot leave Envoy pointed at a stopped worker."""
+    (tmp_path / "api.yaml").write_text(CONFIG)
+    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
+        workers = cp.workers
+        (port,) = workers.ports
+        workers.recycle_after = 1
+        (name,) = cp.translation.route_table
+        loop_thread.run(_one_request(port, name))
+        assert loop_thread.run(workers.recycle_worn()) == 1
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a translate bug")
+
+        cp.translator.translate = broken
+        loop_thread.run(cp._retire_workers(ack_timeout_s=1, settle_s=0))
+        (new_port,) = workers.ports
+        assert _endpoint_ports(cp.cache.snapshot) == [new_port] != [port]
+        assert workers.retiring == []
+        assert loop_thread.run(_refused(port, name))
+        assert _serves(loop_thread.run(_one_request(new_port, name)))
+
+
+def test_a_stream_in_flight_on_a_retired_worker_finishes(loop_thread: LoopThread, tmp_path: Path) -> None:
+    """A slow function: the stream that started on the old worker outlives the old shutdown grace (5 s) and is
+    still answered; the worker exits once it is done."""
+    (tmp_path / "api.yaml").write_text(CONFIG)
+    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
+        workers = cp.workers
+        (port,) = workers.ports
+        workers.recycle_after = 1
+        (name,) = cp.translation.route_table
+        old = workers._procs[0]
+
+        async def slow_request() -> str:
+            requests: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+
+            async def stream() -> AsyncIterator[pb.ProcessingRequest]:
+                while (m := await requests.get()) is not None:
+                    yield m
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.ExternalProcessorStub(channel).Process(stream())
+                await requests.put(
+                    pb.ProcessingRequest(
+                        request_headers=headers(
+                            [(":method", "GET"), (":path", "/pets/7"), (":authority", "api.example.com")],
+                            True,
+                        ),
+                        attributes=attrs(name),
+                    )
+                )
+                assert _serves(await call.read())
+                assert await workers.recycle_worn() == 1
+                retire = asyncio.create_task(cp._retire_workers(ack_timeout_s=1, settle_s=0))
+                await asyncio.sleep(6.5)  # the function runs; meanwhile the worker is told to stop
+                assert not retire.done() and old.is_alive()
+                await requests.put(
+                    pb.ProcessingRequest(response_headers=headers([(":status", "200")], False))
+                )
+                answer = await asyncio.wait_for(call.read(), 10)
+                await requests.put(None)
+                await asyncio.wait_for(retire, 30)
+                return str(answer.WhichOneof("response"))
+
+        assert loop_thread.run(slow_request(), timeout=60) == "response_headers"
+        assert not old.is_alive() and workers.retiring == []
+
+
+def test_a_late_reply_is_dropped_and_a_delta_never_patches_another_table(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import controlplane.extproc.workers as workers_module
+
+    async def scenario() -> None:
+        workers = ExtProcWorkers(1)
+        try:
+            (port,) = await workers.start()
+            table, version = _route_table()
+            (name,) = table
+            # The worker answers after the wait gave up: the install counts as failed...
+            monkeypatch.setattr(workers_module, "UPDATE_TIMEOUT_S", 0.0)
+            with pytest.raises(WorkerError, match="timed out"):
+                await workers.update(table, version, default_chain=False)
+            monkeypatch.setattr(workers_module, "UPDATE_TIMEOUT_S", 30.0)
+            # ...and its late "ok" is not taken for the answer to the next message (a table in full, since the
+            # last one may not have arrived).
+            await workers.update({}, "v2", default_chain=False)
+            assert "dropped a late reply" in caplog.text
+            assert (await _one_request(port, name)).immediate_response.status.code == 502
+            await workers.update(table, "v3", default_chain=False)
+            assert _serves(await _one_request(port, name))
+            # A change made from a table the worker does not hold is refused, and the worker keeps its table.
+            with pytest.raises(WorkerError, match="reached a worker holding v3"):
+                await workers._all(("delta", {}, [name], "v2", "v4", False), "install routes")
+            assert _serves(await _one_request(port, name))
+        finally:
+            await workers.stop()
+
+    asyncio.run(scenario())
