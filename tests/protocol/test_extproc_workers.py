@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -106,15 +108,21 @@ async def _refused(port: int, route_name: str) -> bool:
     return False
 
 
+async def _one_serving(workers: ExtProcWorkers) -> tuple[int, dict[str, RouteTarget], str]:
+    """Start a single worker and install the test configuration's table: its port, the table, the version."""
+    (port,) = await workers.start()
+    table, version = _route_table()
+    await workers.update(table, version, default_chain=False)
+    return port, table, version
+
+
 def test_a_worn_worker_is_replaced_on_a_new_port_and_the_old_one_serves_until_retired() -> None:
     async def scenario() -> None:
         workers = ExtProcWorkers(1, recycle_after=3)
         try:
-            (port,) = await workers.start()
-            table, version = _route_table()
-            ((name, target),) = table.items()
             # Two generations an Envoy still routes with: a replacement must get both.
-            await workers.update(table, version, default_chain=False)
+            port, table, version = await _one_serving(workers)
+            ((name, target),) = table.items()
             await workers.retain({version})  # an Envoy holds it
             await workers.update(
                 {"renamed": replace(target, route_name="renamed")}, "v2", default_chain=False
@@ -152,10 +160,8 @@ def test_stop_ends_retiring_workers_too() -> None:
     async def scenario() -> None:
         workers = ExtProcWorkers(1, recycle_after=1)
         try:
-            (port,) = await workers.start()
-            table, version = _route_table()
+            port, table, _ = await _one_serving(workers)
             (name,) = table
-            await workers.update(table, version, default_chain=False)
             await _one_request(port, name)
             old = workers._procs[0]
             assert await workers.recycle_worn() == 1
@@ -215,12 +221,20 @@ def test_after_the_first_table_workers_are_sent_only_what_changed() -> None:
     asyncio.run(scenario())
 
 
+@contextlib.contextmanager
+def _recycling_plane(loop_thread: LoopThread, tmp_path: Path) -> Iterator[tuple[Any, ExtProcWorkers, str]]:
+    """A control plane with one ext_proc worker, replaced after every stream: (control plane, workers, route)."""
+    (tmp_path / "api.yaml").write_text(CONFIG)
+    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
+        cp.workers.recycle_after = 1
+        (name,) = cp.translation.route_table
+        yield cp, cp.workers, name
+
+
 def test_the_control_plane_moves_envoy_to_a_replacement_over_eds_and_sends_the_workers_nothing(
     loop_thread: LoopThread, tmp_path: Path
 ) -> None:
-    (tmp_path / "api.yaml").write_text(CONFIG)
-    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
-        workers = cp.workers
+    with _recycling_plane(loop_thread, tmp_path) as (cp, workers, name):
         before = cp.cache.snapshot
         (port,) = workers.ports
         # The ext_proc cluster's endpoints come over EDS: a new port is a new membership, not a new cluster.
@@ -234,8 +248,6 @@ def test_the_control_plane_moves_envoy_to_a_replacement_over_eds_and_sends_the_w
             return await real(message, what)
 
         workers._all = spy
-        workers.recycle_after = 1
-        (name,) = cp.translation.route_table
         loop_thread.run(_one_request(port, name))
         old = workers._procs[0]
         assert loop_thread.run(workers.recycle_worn()) == 1
@@ -262,11 +274,7 @@ def test_the_old_worker_stops_only_once_every_envoy_acked_the_new_endpoints(
 ) -> None:
     from test_ads import FakeEnvoy
 
-    (tmp_path / "api.yaml").write_text(CONFIG)
-    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
-        workers = cp.workers
-        workers.recycle_after = 1
-        (name,) = cp.translation.route_table
+    with _recycling_plane(loop_thread, tmp_path) as (cp, workers, name):
         envoy = FakeEnvoy(cp.port)
         try:
             envoy.send(ENDPOINT_TYPE, names=[EXTPROC_CLUSTER])
@@ -308,12 +316,8 @@ def test_a_retirement_does_not_depend_on_the_configuration_translating_again(
 ) -> None:
     """The new ports reach Envoy by changing only the endpoints of the snapshot it has: a configuration that
     fails to translate at that moment cannot leave Envoy pointed at a stopped worker."""
-    (tmp_path / "api.yaml").write_text(CONFIG)
-    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
-        workers = cp.workers
+    with _recycling_plane(loop_thread, tmp_path) as (cp, workers, name):
         (port,) = workers.ports
-        workers.recycle_after = 1
-        (name,) = cp.translation.route_table
         loop_thread.run(_one_request(port, name))
         assert loop_thread.run(workers.recycle_worn()) == 1
 
@@ -332,12 +336,8 @@ def test_a_retirement_does_not_depend_on_the_configuration_translating_again(
 def test_a_stream_in_flight_on_a_retired_worker_finishes(loop_thread: LoopThread, tmp_path: Path) -> None:
     """A slow function: the stream that started on the old worker outlives the old shutdown grace (5 s) and is
     still answered; the worker exits once it is done."""
-    (tmp_path / "api.yaml").write_text(CONFIG)
-    with control_plane(loop_thread, tmp_path, listen_port=free_port(), extproc_workers=1) as cp:
-        workers = cp.workers
+    with _recycling_plane(loop_thread, tmp_path) as (cp, workers, name):
         (port,) = workers.ports
-        workers.recycle_after = 1
-        (name,) = cp.translation.route_table
         old = workers._procs[0]
 
         async def slow_request() -> str:
