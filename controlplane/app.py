@@ -344,6 +344,8 @@ class ControlPlane:
             try:
                 await self.workers.retain(in_use)
             except Exception as err:  # noqa: BLE001 - older generations just live longer
+                if self._stop is not None and self._stop.is_set():
+                    return  # shutting down: Envoy's stream closed as the workers were being stopped
                 log.warning("ext_proc workers: forgetting old route generations failed: %s", err)
 
     async def _start_default_chain(self, stop: asyncio.Event) -> None:
