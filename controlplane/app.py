@@ -112,6 +112,8 @@ class ControlPlane:
         # One apply at a time: the source's changes and the re-apply that moves Envoy to a replaced worker's port.
         self._applying = asyncio.Lock()
         self._translated_ports: tuple[int, ...] | None = None
+        # The last configuration did not reach the workers (so not Envoy either): re-applied once they are whole.
+        self._workers_behind = False
 
     async def apply(self, result: LoadResult) -> None:
         """Install a loaded configuration: ext_proc's routes first, so Envoy never routes to an unknown name."""
@@ -180,7 +182,9 @@ class ControlPlane:
                     "ext_proc workers did not take the routes (%s); Envoy keeps its current configuration",
                     err,
                 )
+                self._workers_behind = True
                 return
+            self._workers_behind = False
         self.routes.update(translation.route_table, snapshot.versions[ROUTE_TYPE])
         timings["ext_proc"] = time.perf_counter() - started
         self.translation = translation
@@ -230,8 +234,10 @@ class ControlPlane:
             # then finds nothing, 110 ms of 1,000 files' load); apply() turns it back on and freezes what stays.
             gc.disable()
             self._gc_paused = True
-        if self.workers is not None and self.workers.recycle_after:
-            self._tasks.append(asyncio.create_task(self._recycle_workers(stop)))
+        if self.workers is not None:
+            # Dead workers are always replaced; worn ones when recycling is on.
+            worn = bool(self.workers.recycle_after)
+            self._tasks.append(asyncio.create_task(self._recycle_workers(stop, worn=worn)))
         watcher = asyncio.create_task(self.source.watch(self.apply, stop=stop))
         watcher.add_done_callback(_log_failure)
         self._tasks.append(watcher)
@@ -264,8 +270,14 @@ class ControlPlane:
                 self._retain_task = asyncio.create_task(self._retain_workers())
 
     async def _recycle_workers(
-        self, stop: asyncio.Event, every_s: float = 5.0, ack_timeout_s: float = 30.0, settle_s: float = 1.0
+        self,
+        stop: asyncio.Event,
+        every_s: float = 5.0,
+        ack_timeout_s: float = 30.0,
+        settle_s: float = 1.0,
+        worn: bool = True,
     ) -> None:
+        """Every `every_s`: replace dead (and, with `worn`, worn) workers, then move Envoy to the replacements."""
         assert self.workers is not None
         while not stop.is_set():
             try:
@@ -275,9 +287,13 @@ class ControlPlane:
             if stop.is_set():
                 return
             try:
-                await self.workers.recycle_worn()
+                await self.workers.recycle_worn(worn)
             except Exception as err:  # noqa: BLE001 - the old worker keeps serving; try again later
-                log.warning("ext_proc workers: replacing a worn worker failed: %s", err)
+                log.warning("ext_proc workers: replacing a worker failed: %s", err)
+            if self._workers_behind and self.last is not None:
+                # A change the workers failed to take (a worker had died, say) was never pushed: now it can be.
+                log.info("ext_proc workers: applying the configuration they did not take")
+                await self.apply(self.last)
             if self.workers.retiring:
                 await self._retire_workers(ack_timeout_s, settle_s)
 

@@ -159,28 +159,41 @@ class ExtProcWorkers:
             self._tables = {v: t for v, t in self._tables.items() if v in self._in_use or v == self._current}
             await self._all(("retain", set(in_use)), "retain route generations")
 
-    async def recycle_worn(self) -> int:
-        """Replace the workers that served `recycle_after` streams or more; returns how many were replaced.
+    async def recycle_worn(self, worn: bool = True) -> int:
+        """Replace the workers that died, and (`worn`) those that served `recycle_after` streams or more; returns
+        how many were replaced.
 
-        The replaced ones keep serving until `retire()`: first move Envoy off their ports (`retiring`)."""
-        if not self.recycle_after:
-            return 0
+        The replaced ones keep serving until `retire()`: first move Envoy off their ports (`retiring`). A dead one
+        serves nothing, but goes the same way: Envoy must first be given its replacement's port."""
         replaced = 0
         async with self._lock:
             try:
                 for i, conn in enumerate(list(self._conns)):
+                    proc = self._procs[i]
+                    if not proc.is_alive():
+                        log.error(
+                            "ext_proc worker %d (port %d) died (exit code %s); replacing it",
+                            i,
+                            self.ports[i],
+                            proc.exitcode,
+                        )
+                        await self._replace(i, "it died")
+                        replaced += 1
+                        continue
+                    if not (worn and self.recycle_after):
+                        continue
                     seq = await self._send(conn, ("stats",))
                     kind, streams = await self._recv(
                         conn, UPDATE_TIMEOUT_S, f"worker {i} to count its streams", seq
                     )
                     if kind == "ok" and streams >= self.recycle_after:
-                        await self._replace(i)
+                        await self._replace(i, f"after {streams} streams")
                         replaced += 1
             finally:
                 self.recycled += replaced
         return replaced
 
-    async def _replace(self, i: int) -> None:
+    async def _replace(self, i: int, why: str) -> None:
         # A new port: the old worker's listener and connections stay as they are until Envoy has moved off them.
         proc, conn, port = await self._spawn(i, 0)
         try:
@@ -203,9 +216,9 @@ class ExtProcWorkers:
         self._retiring.append(_Retiring(i, self.ports[i], self._procs[i], self._conns[i]))
         self._procs[i], self._conns[i], self.ports[i] = proc, conn, port
         log.info(
-            "ext_proc worker %d replaced after %d streams: port %d now, port %d retiring",
+            "ext_proc worker %d replaced (%s): port %d now, port %d retiring",
             i,
-            self.recycle_after,
+            why,
             port,
             self._retiring[-1].port,
         )
