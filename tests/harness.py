@@ -420,6 +420,52 @@ def gateway_with_envoy(
         loop.run(local.stop())
 
 
+class RecordingStack:
+    """A running gateway whose handlers append one JSON line per call to `record` (named to them by an
+    environment variable): Envoy's base URL, that file, and the Envoy (for its admin API)."""
+
+    def __init__(self, base: str, record: Path, envoy: Envoy) -> None:
+        self.base, self.record, self.envoy = base, record, envoy
+
+    def records(self) -> list[Any]:
+        """Every call the handlers recorded so far, oldest first."""
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def extproc_streams(self) -> int:
+        """How many ext_proc streams (Python streams) Envoy has opened."""
+        stats = self.envoy.admin("/stats?filter=ext_proc.streams_started")
+        return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def recording_gateway(
+    tmp: Path,
+    functions: dict[str, str],
+    config: str,
+    credentials: dict[str, str],
+    record_env: str,
+    functions_yaml: str | None = None,
+) -> Iterator[RecordingStack]:
+    """`lay_out` + `gateway_with_envoy` on a loop thread of its own, with `record_env` naming the record file.
+    For a module-scoped fixture; everything is stopped, and the variable restored, when the block ends."""
+    loop_thread = LoopThread()
+    fn_dir, folder = lay_out(tmp, functions, config, functions_yaml)
+    record = tmp / "record.log"
+    before = os.environ.get(record_env)
+    os.environ[record_env] = str(record)
+    try:
+        with gateway_with_envoy(loop_thread, folder, fn_dir, credentials) as (url, envoy):
+            yield RecordingStack(url, record, envoy)
+    finally:
+        loop_thread.close()
+        if before is None:
+            os.environ.pop(record_env, None)
+        else:
+            os.environ[record_env] = before
+
+
 @contextlib.contextmanager
 def gateway(
     loop: LoopThread, config_dir: Path, functions: Path, credentials: dict[str, str]

@@ -4,12 +4,11 @@ function records every invocation to a file, so the tests can tell what never re
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from harness import Envoy, LoopThread, gateway_with_envoy, http, lay_out
+from harness import RecordingStack as Stack
+from harness import http, recording_gateway
 
 SECRET = "gateway-features-secret"
 APP = "https://app.example.com"
@@ -118,36 +117,11 @@ spec:
 CONFIG = CONFIG_TEMPLATE.replace("BIG_BODY", "x" * 20000)
 
 
-class Stack:
-    def __init__(self, base: str, record: Path, envoy: Envoy) -> None:
-        self.base, self.record, self.envoy = base, record, envoy
-
-    def invocations(self) -> list[dict[str, str]]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines()]
-
-    def extproc_streams(self) -> int:
-        """How many ext_proc streams (Python streams) Envoy has opened."""
-        stats = self.envoy.admin("/stats?filter=ext_proc.streams_started")
-        return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines() if line.strip())
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # harness.gateway_with_envoy(): the tests read Envoy's ext_proc counters.
-    loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("gateway-features")
-    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG)
-    record = tmp / "invocations.log"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LG_GATEWAY_RECORD", str(record))
-    try:
-        with gateway_with_envoy(loop_thread, folder, functions, {"AKIDGATEWAY": SECRET}) as (url, envoy):
-            yield Stack(url, record, envoy)
-    finally:
-        loop_thread.close()
-        mp.undo()
+    with recording_gateway(tmp, FUNCTIONS, CONFIG, {"AKIDGATEWAY": SECRET}, "LG_GATEWAY_RECORD") as running:
+        yield running
 
 
 def preflight(stack: Stack, path: str, origin: str, method: str = "GET", headers: str = ""):
@@ -162,7 +136,7 @@ def preflight(stack: Stack, path: str, origin: str, method: str = "GET", headers
 
 
 def test_mock_answers_status_headers_and_body_without_a_function(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     r = http("GET", stack.base + "/mock")
     assert r.status == 201
     assert r.json() == {"ok": True, "source": "mock"}
@@ -175,7 +149,7 @@ def test_mock_answers_status_headers_and_body_without_a_function(stack: Stack) -
     r = http("GET", stack.base + "/mock-big", headers={"Authorization": "Bearer client-secret"})
     assert r.status == 200 and r.body == ("x" * 20000).encode()
     assert r.header("x-discount") == "100%" and r.header("x-template") == "%REQ(authorization)%"
-    assert len(stack.invocations()) == before
+    assert len(stack.records()) == before
 
 
 def test_mock_route_keeps_its_method_matching(stack: Stack) -> None:
@@ -227,7 +201,7 @@ def test_mock_cors_with_several_origins(stack: Stack) -> None:
 
 
 def test_rate_limit_answers_429_with_retry_after_and_json(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     streams = stack.extproc_streams()
     statuses = [http("GET", stack.base + "/limited").status for _ in range(3)]
     assert statuses == [200, 200, 200]
@@ -241,7 +215,7 @@ def test_rate_limit_answers_429_with_retry_after_and_json(stack: Stack) -> None:
     assert retry_after is not None and retry_after.isdigit() and int(retry_after) >= 1
     assert int(retry_after) == 4  # 3 per 10 s: a token every 3.3 s, rounded up to whole seconds
     # The limited request never reached the function, nor cost an ext_proc stream.
-    calls = stack.invocations()[before:]
+    calls = stack.records()[before:]
     assert [c["path"] for c in calls] == ["/limited"] * 3
     assert stack.extproc_streams() == streams + 3
 
@@ -267,7 +241,7 @@ def test_rate_limited_answer_carries_cors_headers(stack: Stack) -> None:
 
 
 def test_preflight_from_allowed_origin_is_answered_by_envoy(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     streams = stack.extproc_streams()
     r = preflight(stack, "/cors", APP, "GET", "content-type,x-api-key")
     assert r.status == 200
@@ -277,30 +251,30 @@ def test_preflight_from_allowed_origin_is_answered_by_envoy(stack: Stack) -> Non
     assert r.header("access-control-max-age") == "600"
     assert r.header("access-control-allow-credentials") == "true"
     # The route only takes GET, yet the preflight (an OPTIONS) was answered, and no function saw it.
-    assert len(stack.invocations()) == before
+    assert len(stack.records()) == before
     assert stack.extproc_streams() == streams
 
 
 def test_preflight_from_other_origin_gets_no_cors_headers(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     streams = stack.extproc_streams()
     r = preflight(stack, "/cors", EVIL)
     # Answered by Envoy too, but without access-control-allow-origin: the browser refuses the request.
     assert r.status == 200
     assert r.header("access-control-allow-origin") is None
-    assert len(stack.invocations()) == before
+    assert len(stack.records()) == before
     assert stack.extproc_streams() == streams
 
 
 def test_actual_request_gets_cors_headers_on_the_functions_answer(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     r = http("GET", stack.base + "/cors", headers={"Origin": APP})
     assert (r.status, r.body) == (200, b"from the function")
     assert r.header("x-fn") == "yes"  # ext_proc's rewrite of Lambda's answer, then CORS on top
     assert r.header("access-control-allow-origin") == APP
     assert r.header("access-control-expose-headers") == "x-fn"
     assert r.header("access-control-allow-credentials") == "true"
-    assert stack.invocations()[before:] == [{"path": "/cors", "method": "GET"}]
+    assert stack.records()[before:] == [{"path": "/cors", "method": "GET"}]
 
     other = http("GET", stack.base + "/cors", headers={"Origin": EVIL})
     assert other.status == 200 and other.header("access-control-allow-origin") is None
@@ -317,17 +291,17 @@ def test_error_answers_get_cors_headers_too(stack: Stack) -> None:
 
 
 def test_an_options_request_that_is_no_preflight_reaches_the_function(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     r = http(
         "OPTIONS", stack.base + "/inherited", headers={"Origin": APP}
     )  # no Access-Control-Request-Method
     assert r.status == 200 and r.body == b"from the function"
     assert r.header("access-control-allow-origin") == APP
-    assert stack.invocations()[before:] == [{"path": "/inherited", "method": "OPTIONS"}]
+    assert stack.records()[before:] == [{"path": "/inherited", "method": "OPTIONS"}]
 
 
 def test_cors_from_the_upstream_options_and_a_route_override(stack: Stack) -> None:
-    before = len(stack.invocations())
+    before = len(stack.records())
     r = preflight(stack, "/inherited", EVIL, "DELETE")
     # The Upstream's `allow_origins: ["*"]`: any origin; the route takes every method, so all are allowed.
     assert r.status == 200 and r.header("access-control-allow-origin") == EVIL
@@ -340,4 +314,4 @@ def test_cors_from_the_upstream_options_and_a_route_override(stack: Stack) -> No
     r = preflight(stack, "/overridden", APP, "PUT")
     assert r.header("access-control-allow-origin") == APP
     assert r.header("access-control-allow-methods") == "PUT"
-    assert [c for c in stack.invocations()[before:] if c["method"] == "OPTIONS"] == []
+    assert [c for c in stack.records()[before:] if c["method"] == "OPTIONS"] == []

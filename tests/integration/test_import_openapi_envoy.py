@@ -95,6 +95,16 @@ stringData: {{access_key: AKIDIMPORT, secret_key: {SECRET}}}
 """
 
 
+def _imported(tmp_path: Path, spec: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """`lambdagate import-openapi SPEC --endpoint local --secret-ref aws` into a config folder with the Secret."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "secret.yaml").write_text(SECRET_YAML)
+    args = ["import-openapi", str(spec), "-o", str(config / "petstore.yaml"), "--endpoint", "local"]
+    assert main([*args, "--secret-ref", "aws"]) == 0, capsys.readouterr().err
+    return config
+
+
 def test_imported_config_serves_through_envoy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     functions = tmp_path / "functions"
     functions.mkdir()
@@ -102,11 +112,7 @@ def test_imported_config_serves_through_envoy(tmp_path: Path, capsys: pytest.Cap
     (functions / "functions.yaml").write_text(FUNCTIONS_YAML)
     spec = tmp_path / "petstore.yaml"
     spec.write_text(OPENAPI)
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "secret.yaml").write_text(SECRET_YAML)
-    args = ["import-openapi", str(spec), "-o", str(config / "petstore.yaml"), "--endpoint", "local"]
-    assert main([*args, "--secret-ref", "aws"]) == 0, capsys.readouterr().err
+    config = _imported(tmp_path, spec, capsys)
 
     loop = LoopThread()
     try:
@@ -250,11 +256,7 @@ def test_exported_config_imports_back_and_serves(tmp_path: Path, capsys: pytest.
     assert main(["export-openapi", "--config-dir", str(original), "-o", str(spec)]) == 0, (
         capsys.readouterr().err
     )
-    config = tmp_path / "config"
-    config.mkdir()
-    (config / "secret.yaml").write_text(SECRET_YAML)
-    args = ["import-openapi", str(spec), "-o", str(config / "petstore.yaml"), "--endpoint", "local"]
-    assert main([*args, "--secret-ref", "aws"]) == 0, capsys.readouterr().err
+    config = _imported(tmp_path, spec, capsys)
 
     loop = LoopThread()
     try:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from harness import LoopThread, gateway, http, lay_out, wait_until
+from harness import RecordingStack as Stack
+from harness import http, recording_gateway, wait_until
 
 SECRET = "options-secret-value"
 
@@ -108,30 +108,11 @@ spec:
 """
 
 
-class Stack:
-    def __init__(self, base: str, record: Path) -> None:
-        self.base, self.record = base, record
-
-    def recorded(self) -> list[dict[str, str]]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("options")
-    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG)
-    record = tmp / "record.log"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LG_RECORD", str(record))
-    try:
-        with gateway(loop_thread, folder, functions, {"AKIDOPTIONS": SECRET}) as url:
-            yield Stack(url, record)
-    finally:
-        loop_thread.close()
-        mp.undo()
+    with recording_gateway(tmp, FUNCTIONS, CONFIG, {"AKIDOPTIONS": SECRET}, "LG_RECORD") as running:
+        yield running
 
 
 def test_payload_format_2_event(stack: Stack) -> None:
@@ -184,19 +165,19 @@ def test_route_option_overrides_the_upstream_default(stack: Stack) -> None:
 
 
 def test_event_invocation_answers_202_and_runs_later(stack: Stack) -> None:
-    before = len(stack.recorded())
+    before = len(stack.records())
     r = http("POST", stack.base + "/async", b'{"x": 1}', {"content-type": "application/json"})
     assert r.status == 202 and r.body == b""
-    wait_until(lambda: len(stack.recorded()) == before + 1, 10, what="the async invocation to run")
-    assert stack.recorded()[-1] == {"path": "/async"}
+    wait_until(lambda: len(stack.records()) == before + 1, 10, what="the async invocation to run")
+    assert stack.records()[-1] == {"path": "/async"}
 
 
 def test_dry_run_answers_204_and_runs_nothing(stack: Stack) -> None:
-    before = len(stack.recorded())
+    before = len(stack.records())
     r = http("GET", stack.base + "/dry")
     assert r.status == 204
     time.sleep(0.3)
-    assert len(stack.recorded()) == before
+    assert len(stack.records()) == before
 
 
 def test_route_timeout_is_a_504_not_a_200(stack: Stack) -> None:
@@ -211,7 +192,7 @@ def test_route_timeout_is_a_504_not_a_200(stack: Stack) -> None:
 
 
 def test_payloads_over_lambdas_limits_are_413_before_invoking(stack: Stack) -> None:
-    before = len(stack.recorded())
+    before = len(stack.records())
     # 1.1 MB: fine synchronously, over the 1 MB limit of an asynchronous invocation.
     big = b"x" * (1100 * 1024)
     r = http("POST", stack.base + "/async", big, {"content-type": "text/plain"})
@@ -221,4 +202,4 @@ def test_payloads_over_lambdas_limits_are_413_before_invoking(stack: Stack) -> N
     r = http("POST", stack.base + "/v1", b"y" * (6500 * 1024), {"content-type": "text/plain"})
     assert r.status == 413
     time.sleep(0.3)
-    assert len(stack.recorded()) == before
+    assert len(stack.records()) == before

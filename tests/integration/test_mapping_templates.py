@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from harness import LoopThread, gateway, http, lay_out
+from harness import RecordingStack as Stack
+from harness import http, recording_gateway
 
 SECRET = "mapping-secret-value"
 
@@ -120,30 +120,13 @@ CONFIG = CONFIG_TEMPLATE.replace("@SECRET@", SECRET).replace(
 )
 
 
-class Stack:
-    def __init__(self, base: str, record: Path) -> None:
-        self.base, self.record = base, record
-
-    def calls(self) -> list[object]:
-        if not self.record.exists():
-            return []
-        return [json.loads(line) for line in self.record.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("mapping")
-    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG, FUNCTIONS_YAML)
-    record = tmp / "record.log"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LG_MAPPING_RECORD", str(record))
-    try:
-        with gateway(loop_thread, folder, functions, {"AKIDMAPPING": SECRET}) as url:
-            yield Stack(url, record)
-    finally:
-        loop_thread.close()
-        mp.undo()
+    with recording_gateway(
+        tmp, FUNCTIONS, CONFIG, {"AKIDMAPPING": SECRET}, "LG_MAPPING_RECORD", FUNCTIONS_YAML
+    ) as running:
+        yield running
 
 
 def test_request_template_builds_the_seed_event(stack: Stack) -> None:
@@ -170,7 +153,7 @@ def test_request_template_builds_the_seed_event(stack: Stack) -> None:
         "data": body,
     }
     # The function got exactly this event (no API Gateway envelope), and its output is the answer as is.
-    assert stack.calls()[-1] == event
+    assert stack.records()[-1] == event
     assert r.json() == event
 
 
@@ -190,12 +173,12 @@ def test_function_errors_map_by_message(stack: Stack) -> None:
 def test_render_failures_never_reach_the_function_or_a_500(stack: Stack) -> None:
     r = http("POST", stack.base + "/next", b'{"n": 41}', {"content-type": "application/json"})
     assert r.status == 200 and r.json() == {"next": 42}
-    calls = len(stack.calls())
+    calls = len(stack.records())
     # Data-dependent: "x" + 1 fails for this body only. Refused before anything is invoked.
     r = http("POST", stack.base + "/next", b'{"n": "x"}', {"content-type": "application/json"})
     assert r.status == 400 and r.json()["message"] == "The request could not be mapped"
     assert r.json()["requestId"]
-    assert len(stack.calls()) == calls
+    assert len(stack.records()) == calls
     # The response side: the function ran, its answer could not be mapped.
     r = http("GET", stack.base + "/broken/7")
     assert r.status == 502 and r.json()["message"] == "Internal server error"
@@ -204,10 +187,10 @@ def test_render_failures_never_reach_the_function_or_a_500(stack: Stack) -> None
 def test_without_a_request_template_the_body_is_the_payload(stack: Stack) -> None:
     r = http("POST", stack.base + "/passthrough", b'{"n": 3}', {"content-type": "application/json"})
     assert r.status == 201 and r.header("content-type") == "text/plain" and r.body == b"got 3"
-    assert stack.calls()[-1] == {"n": 3}
-    calls = len(stack.calls())
+    assert stack.records()[-1] == {"n": 3}
+    calls = len(stack.records())
     r = http(
         "POST", stack.base + "/passthrough", b"n=3", {"content-type": "application/x-www-form-urlencoded"}
     )
     assert r.status == 400 and r.json()["message"] == "The request body must be JSON"
-    assert len(stack.calls()) == calls
+    assert len(stack.records()) == calls

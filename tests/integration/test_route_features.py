@@ -9,10 +9,10 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from harness import LoopThread, gateway, http, lay_out
+from harness import RecordingStack as Stack
+from harness import http, recording_gateway
 
 SECRET = "features-secret-value"
 
@@ -35,7 +35,7 @@ FUNCTIONS = {
 
         def handler(event, context):
             with open(os.environ["LG_FEATURES_RECORD"], "a") as f:
-                f.write("raw\\n")
+                f.write('"raw"\\n')
             return {"got": event, "fn": context.function_name}
     """,
     "boom": """
@@ -158,28 +158,13 @@ spec:
 """
 
 
-class Stack:
-    def __init__(self, base: str, record: Path) -> None:
-        self.base, self.record = base, record
-
-    def raw_calls(self) -> int:
-        return len(self.record.read_text().splitlines()) if self.record.exists() else 0
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    loop_thread = LoopThread()
     tmp = tmp_path_factory.mktemp("features")
-    functions, folder = lay_out(tmp, FUNCTIONS, CONFIG, FUNCTIONS_YAML)
-    record = tmp / "record.log"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LG_FEATURES_RECORD", str(record))
-    try:
-        with gateway(loop_thread, folder, functions, {"AKIDFEATURES": SECRET}) as url:
-            yield Stack(url, record)
-    finally:
-        loop_thread.close()
-        mp.undo()
+    with recording_gateway(
+        tmp, FUNCTIONS, CONFIG, {"AKIDFEATURES": SECRET}, "LG_FEATURES_RECORD", FUNCTIONS_YAML
+    ) as running:
+        yield running
 
 
 def test_raw_payload_format(stack: Stack) -> None:
@@ -193,11 +178,11 @@ def test_raw_payload_format(stack: Stack) -> None:
     )
     assert r.status == 200 and r.json() == {"got": {"name": "rex", "n": [1, 2]}, "fn": "raw"}
     # A body Lambda would refuse is refused before anything is invoked.
-    calls = stack.raw_calls()
+    calls = len(stack.records())
     for bad in (b"not json", b'{"n": NaN}', b"\xef\xbb\xbf{}", '{"a": 1}'.encode("utf-16")):
         r = http("POST", stack.base + "/raw/7", bad, {"content-type": "text/plain"})
         assert r.status == 400 and r.json()["message"] == "The request body must be JSON", bad
-    assert stack.raw_calls() == calls
+    assert len(stack.records()) == calls
 
 
 def test_function_name_forms(stack: Stack) -> None:
@@ -215,7 +200,7 @@ def test_function_from_a_path_parameter(stack: Stack) -> None:
     assert r.status == 200 and r.json()["fn"] == "echo"
     assert r.json()["event"]["pathParameters"] == {"fn": "echo", "rest": "x/y"}
     assert http("GET", stack.base + "/call/other/z").body == b"other"
-    calls = stack.raw_calls()
+    calls = len(stack.records())
     # Anything that is not one of the Upstream's own names is refused without invoking: no other function,
     # no ARN of another account, no qualifier the Upstream does not list.
     for bad in (
@@ -230,7 +215,7 @@ def test_function_from_a_path_parameter(stack: Stack) -> None:
         assert r.json()["message"] == "No such function"
     # A dot-segment never gets this far: Envoy normalises the path, and nothing matches.
     assert http("GET", stack.base + "/call/%2e%2e/x").status == 404
-    assert stack.raw_calls() == calls
+    assert len(stack.records()) == calls
 
 
 def test_weighted_destinations(stack: Stack) -> None:
