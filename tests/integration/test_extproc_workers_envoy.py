@@ -4,7 +4,9 @@ Envoy routes with them, and the request path is the same as with one process."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -165,5 +167,43 @@ def test_worn_workers_are_replaced_without_failing_requests(tmp_path: Path) -> N
 
             alive = wait_until(only_the_newest, timeout=30, what="the old workers to exit")
             assert len(pids) >= 4 and alive < pids, (pids, alive)
+    finally:
+        loop_thread.close()
+
+
+def test_a_dead_worker_is_replaced_and_envoy_moves_to_the_replacement(tmp_path: Path) -> None:
+    """SIGKILL one of two workers: within a supervision round Envoy's ext_proc cluster lists a new port in its
+    place, every request succeeds again on both, and a route added while the worker was dead is served."""
+    before = _extproc_children()
+    loop_thread = LoopThread()
+    functions, folder = lay_out(tmp_path, FUNCTIONS, CONFIG)
+    try:
+        with gateway_with_envoy(
+            loop_thread, folder, functions, {"AKIDWORKERS": SECRET}, extproc_workers=2
+        ) as (
+            url,
+            envoy,
+        ):
+            assert http("GET", f"{url}/items/1").status == 200
+            hosts = set(wait_until(lambda: _streams_per_worker(envoy) or None, what="the ext_proc hosts"))
+            assert len(hosts) == 2
+            victim = min(_extproc_children() - before)
+            os.kill(victim, signal.SIGKILL)
+            # A change while a worker is dead: held back until the replacement has it.
+            (folder / "api.yaml").write_text(CONFIG.replace('"/items/{id}"', '"/things/{id}"'))
+
+            def replaced() -> set[str] | None:
+                now = set(_streams_per_worker(envoy))
+                return now if len(now) == 2 and now != hosts else None
+
+            now = wait_until(replaced, timeout=30, what="Envoy to move to the replacement")
+            assert len(now & hosts) == 1  # the survivor stays; the dead one's port is gone
+            wait_until(lambda: http("GET", f"{url}/things/7").status == 200, timeout=30, what="the new route")
+            statuses = [http("GET", f"{url}/things/{i}").status for i in range(20)]  # round robin over both
+            assert statuses == [200] * 20
+            assert http("GET", f"{url}/items/1").status == 404
+            served = _streams_per_worker(envoy)
+            assert all(served[h] > 0 for h in now - hosts), served  # the replacement serves
+            assert victim not in _extproc_children()
     finally:
         loop_thread.close()
